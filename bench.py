@@ -1,0 +1,121 @@
+"""Measurements. Every figure printed here is measured in this run; compare ratios, not absolute times on CPU.
+
+  python bench.py dit [--dim 1536 --heads 12 --layers 4 --frames 9 --size 416*240 --reps 3]
+      DiT forward time and peak memory, vpae beside diffusers' WanTransformer3DModel when it is installed
+      (same config, random weights, fp32 on CPU / bf16 on GPU), each in its own process, alternating.
+  python bench.py load CKPT_DIR
+      Peak RSS while loading an official checkpoint and touching every weight, against its size.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def rss_peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+
+
+def load(ckpt, dtype=None):
+    from model import WanModel, weight_files
+    size = sum(os.path.getsize(f) for f in weight_files(ckpt))
+    before = rss_peak()
+    t0 = time.perf_counter()
+    m = WanModel.from_pretrained(ckpt, dtype=dtype)
+    touched = sum(p.float().sum().item() for p in m.parameters())  # read every page of every weight
+    dt = time.perf_counter() - t0
+    peak = rss_peak() - before
+    print(f"checkpoint {size / 2**20:.0f} MiB, load+touch {dt:.2f} s, peak RSS over baseline {peak / 2**20:.0f} MiB, "
+          f"peak/size={peak / size:.3f}, dtype {dtype or 'as stored'} (checksum {touched:.3e})")
+
+
+def dit_child(a):
+    """One implementation in this process: prints a json line with the median time and the peak memory."""
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    W, H = map(int, a.size.split("*"))
+    F_ = (a.frames - 1) // 4 + 1
+    x = torch.randn(1, 16, F_, H // 8, W // 8, device=dev)
+    t = torch.tensor([500], device=dev)
+    ctx = torch.randn(1, 512, 4096, device=dev)
+    with torch.device(dev):
+        if a.impl == "vpae":
+            from model import WanConfig, WanModel
+            m = WanModel(WanConfig("t2v", dim=a.dim, ffn_dim=a.ffn, num_heads=a.heads, num_layers=a.layers)).to(dt)
+            run = lambda: m(x, t, ctx)
+        else:
+            from diffusers import WanTransformer3DModel
+            m = WanTransformer3DModel(num_attention_heads=a.heads, attention_head_dim=a.dim // a.heads, in_channels=16,
+                                      out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=a.ffn, num_layers=a.layers,
+                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).to(dt)
+            run = lambda: m(x.to(dt), t, ctx.to(dt), return_dict=False)[0]
+    m.eval()
+    base = torch.cuda.max_memory_allocated() if cuda else rss_peak()
+    times = []
+    with torch.no_grad():
+        for _ in range(a.reps + 1):  # the first call warms up
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss_peak()) - base
+    times = sorted(times[1:])
+    print(json.dumps({"impl": a.impl, "median_s": times[len(times) // 2], "min_s": times[0], "max_s": times[-1],
+                      "peak_mib": peak / 2**20, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                      "tokens": F_ * (H // 16) * (W // 16)}))
+
+
+def dit(a):
+    impls = ["vpae"]
+    try:
+        import diffusers  # noqa: F401
+        impls.append("diffusers")
+    except ImportError:
+        print("diffusers is not installed: timing vpae alone (pip install diffusers to compare)")
+    rows = []
+    for r in range(a.rounds):  # alternate the implementations so drift in machine load hits both
+        for impl in impls:
+            cmd = [sys.executable, __file__, "dit", "--child", "--impl", impl] + [
+                f"--{k}={getattr(a, k)}" for k in ("dim", "ffn", "heads", "layers", "frames", "size", "reps")]
+            rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+    print(f"DiT forward, dim {a.dim}, {a.layers} layers, {a.heads} heads, {a.frames} frames at {a.size} "
+          f"({rows[0]['tokens']} tokens), device {rows[0]['device']}, {a.reps} timed reps x {a.rounds} rounds")
+    print(f"{'impl':10s} {'round':>5s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'peak MiB':>9s}")
+    for i, r in enumerate(rows):
+        print(f"{r['impl']:10s} {i // len(impls):5d} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} {r['peak_mib']:9.0f}")
+    if len(impls) == 2:
+        med = lambda name: sorted(r["median_s"] for r in rows if r["impl"] == name)[a.rounds // 2]
+        print(f"vpae / diffusers time ratio (median of rounds): {med('vpae') / med('diffusers'):.3f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["dit", "load"])
+    p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
+    p.add_argument("--dim", type=int, default=1536)
+    p.add_argument("--ffn", type=int, default=8960)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--size", default="416*240", help="W*H in pixels")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--impl", default="vpae")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.what == "load":
+        if not a.ckpt:
+            p.error("load needs a checkpoint directory")
+        load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype])
+    else:
+        dit_child(a) if a.child else dit(a)

@@ -1,0 +1,122 @@
+"""q/k RMSNorm across heads + Wan's interleaved 3D RoPE, fused.
+
+One pass per token row: read x [D] once, take the RMS over the full model width D (all heads at once,
+in fp32), multiply by the weight, rotate each pair (2j, 2j+1) of every head by angle j of that token
+(cos/sin tables [L, D/H/2], the same for all heads; GPT-J style, not rotate-half) and write the result
+as [B, L, H, D/H] in x's dtype. The unfused version reads and writes the [B, L, D] activation three times
+in fp32. The pairs are loaded as a (D/2, 2) tile and split, so memory access stays contiguous.
+The backward recomputes the RMS from x (nothing but the inputs is saved), un-rotates dY with the
+transposed rotation, and reduces dWeight over tokens in per-program fp32 partials (deterministic).
+Reference: Wan2.1 WanRMSNorm + rope_apply (spec section 1.4-1.5), `qk_norm_rope_ref` below.
+"""
+import torch
+
+from . import triton, tl
+
+
+@triton.jit
+def _fwd_kernel(X, W, COS, SIN, Y, sxb, sxl, scl, L, D, eps,
+                HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    l, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # token (b, l)
+    j = tl.arange(0, BLOCK)  # pair index over the full width
+    pair = j[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK, 2) element offsets
+    mask = (j < D // 2)[:, None]
+    x = tl.load(X + b * sxb + l * sxl + pair, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 1), 0) / D + eps)
+    y = x * rstd * tl.load(W + pair, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        c = tl.load(COS + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
+        s = tl.load(SIN + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
+        y0, y1 = tl.split(y)
+        y = tl.join(y0 * c - y1 * s, y0 * s + y1 * c)
+    tl.store(Y + (b * L + l) * D + pair, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(X, W, COS, SIN, DY, DX, DW, sxb, sxl, scl, L, D, eps, n_prog,
+                HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    pair = j[:, None] * 2 + tl.arange(0, 2)[None, :]
+    mask = (j < D // 2)[:, None]
+    w = tl.load(W + pair, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK, 2], tl.float32)
+    for l in range(pid, L, n_prog):  # a strided set of this sample's tokens; dW partial summed across them
+        x = tl.load(X + b * sxb + l * sxl + pair, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + (b * L + l) * D + pair, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ROPE:  # the rotation is orthogonal: its backward rotates by -angle
+            c = tl.load(COS + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
+            s = tl.load(SIN + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
+            d0, d1 = tl.split(dy)
+            dy = tl.join(d0 * c + d1 * s, d1 * c - d0 * s)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 1), 0) / D + eps)
+        xhat = x * rstd
+        dw += dy * xhat
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(tl.sum(g * xhat, 1), 0) / D))
+        tl.store(DX + (b * L + l) * D + pair, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + (b * n_prog + pid) * D + pair, dw, mask=mask)  # partials [B, n_prog, D]
+
+
+def _launch_args(x, weight, num_heads, cos, sin):
+    B, L, D = x.shape
+    if D % num_heads or (D // num_heads) % 2 or weight.shape != (D,):
+        raise ValueError(f"qk_norm_rope: D={D} must split into {num_heads} heads of even size, weight [D]; "
+                         f"got weight {tuple(weight.shape)}")
+    half = D // num_heads // 2
+    if cos is not None:
+        if cos.shape != (L, half) or sin.shape != (L, half):
+            raise ValueError(f"qk_norm_rope: cos/sin must be [L, head_dim/2] = [{L}, {half}]; got "
+                             f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+        cos, sin = (t.to(torch.float32).contiguous() for t in (cos, sin))
+    block = triton.next_power_of_2(D // 2)
+    warps = max(1, min(16, 2 * block // 256))  # about 8 elements per thread
+    rope = (cos, sin) if cos is not None else (weight, weight)  # placeholders, never read without RoPE
+    return rope, dict(HALF_DH=half, HAS_ROPE=cos is not None, BLOCK=block, num_warps=warps)
+
+
+class _QKNormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, num_heads, eps, cos, sin):
+        B, L, D = x.shape
+        (c, s), meta = _launch_args(x, weight, num_heads, cos, sin)
+        y = torch.empty(B, L, num_heads, D // num_heads, device=x.device, dtype=x.dtype)
+        _fwd_kernel[(L, B)](x, weight, c, s, y, x.stride(0), x.stride(1), c.stride(0), L, D, eps, **meta)
+        ctx.save_for_backward(x, weight, c, s)
+        ctx.num_heads, ctx.eps, ctx.has_rope = num_heads, eps, cos is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, c, s = ctx.saved_tensors
+        B, L, D = x.shape
+        _, meta = _launch_args(x, weight, ctx.num_heads, None, None)
+        meta["HAS_ROPE"] = ctx.has_rope
+        n_prog = min(L, 1024 // B + 1) if x.is_cuda else min(L, 2)  # about a thousand programs on a GPU
+        dx = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
+        dw = torch.empty(B, n_prog, D, device=x.device, dtype=torch.float32)
+        _bwd_kernel[(n_prog, B)](x, weight, c, s, dy.contiguous(), dx, dw, x.stride(0), x.stride(1), c.stride(0),
+                                 L, D, ctx.eps, n_prog, **meta)
+        return dx, dw.sum((0, 1)).to(weight.dtype), None, None, None, None
+
+
+def qk_norm_rope(x, weight, num_heads, eps, cos=None, sin=None):
+    """Triton path of `qk_norm_rope`: x [B,L,D] (last dim contiguous), weight [D] -> [B,L,H,D/H] in x's dtype."""
+    if x.dim() != 3 or (cos is None) != (sin is None):
+        raise ValueError(f"qk_norm_rope wants x [B,L,D] and both or neither of cos/sin; got x {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return _QKNormRope.apply(x, weight.contiguous(), num_heads, eps, cos, sin)
+
+
+def qk_norm_rope_ref(x, weight, num_heads, eps, cos=None, sin=None):
+    # x [B,L,D] -> [B,L,H,D/H]. The RMS runs over the full width D (all heads at once), in fp32.
+    B, L, D = x.shape
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    y = y.view(B, L, num_heads, D // num_heads)
+    if cos is not None:
+        # cos/sin [L, D/H/2]: pair j = (y[2j], y[2j+1]) is rotated by angle j (complex, not rotate-half)
+        y0, y1 = y[..., 0::2], y[..., 1::2]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        y = torch.stack((y0 * c - y1 * s, y0 * s + y1 * c), dim=-1).flatten(-2)
+    return y.to(x.dtype)

@@ -1,0 +1,396 @@
+"""The Wan2.1 DiT, from scratch, with the official module names so official weights load unchanged.
+
+Reads top to bottom: helpers (sinusoid, RoPE) -> attention -> block -> head -> model -> presets -> loading.
+The facts (shapes, constants, dtypes) are in ../shared/spec/wan21.md section 1; section numbers below refer to it.
+"""
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def sinusoid(dim, t):
+    """Timestep embedding, [cos, sin] (cos first), computed in float64 as official, returned fp32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # (B, dim)
+
+
+def rope_angles(head_dim, grid, device=None):
+    """Angles of Wan's 3D RoPE for an (F, H, W) token grid -> cos, sin [F*H*W, head_dim/2] fp32.
+
+    The head_dim/2 complex pairs split 22/21/21 (for 128) over time/height/width; each axis has its own
+    frequencies 10000^(-2j/D_a) over its own real width D_a (44/42/42). Built in float64 as official.
+    """
+    d = head_dim
+    dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]  # real widths per axis (t, h, w)
+    parts = []
+    for axis, (n, da) in enumerate(zip(grid, dims)):
+        theta = 1.0 / 10000.0 ** (torch.arange(0, da, 2, dtype=torch.float64, device=device) / da)
+        ang = torch.arange(n, dtype=torch.float64, device=device)[:, None] * theta  # (n, da/2)
+        shape = [1, 1, 1, da // 2]
+        shape[axis] = n
+        parts.append(ang.view(shape).expand(*grid, da // 2))
+    ang = torch.cat(parts, dim=-1).reshape(-1, d // 2)  # (F*H*W, d/2), raster order (f, h, w), w fastest
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def linear32(lin, x):
+    """A Linear in fp32 whatever the parameter dtype: Wan keeps the time MLP and the head in fp32."""
+    return F.linear(x.float(), lin.weight.float(), lin.bias.float())
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype (WanLayerNorm)."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (all heads at once); the math lives in kernels.qk_norm_rope."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm and 3D RoPE (official WanSelfAttention)."""
+
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, cos, sin, k_lens=None):
+        B, L, D = x.shape
+        q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, self.num_heads, self.eps, cos, sin)  # (B, L, H, hd)
+        k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, self.num_heads, self.eps, cos, sin)
+        v = self.v(x).view(B, L, self.num_heads, -1)
+        return self.o(kernels.attention(q, k, v, k_lens).flatten(2))  # (B, L, D)
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to the text tokens and, for i2v/flf2v, separately to the CLIP image tokens.
+
+    The two attention outputs share q and are summed before the shared output projection. Nothing is
+    masked: the text context is zero-padded to text_len and all of it is attended, as official (section 1.3.4).
+    """
+
+    def __init__(self, dim, num_heads, eps, image):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        if image:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)  # there is no norm on v_img
+
+    def forward(self, x, txt, img=None):
+        B, n = x.shape[0], self.num_heads
+        q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, n, self.eps)  # (B, L, H, hd)
+        k = kernels.qk_norm_rope(self.k(txt), self.norm_k.weight, n, self.eps)  # (B, Lt, H, hd)
+        o = kernels.attention(q, k, self.v(txt).view(B, -1, n, q.shape[-1])).flatten(2)
+        if img is not None:
+            k = kernels.qk_norm_rope(self.k_img(img), self.norm_k_img.weight, n, self.eps)  # (B, Li, H, hd)
+            o = o + kernels.attention(q, k, self.v_img(img).view(B, -1, n, q.shape[-1])).flatten(2)
+        return self.o(o)
+
+
+# -----------------------------------------------------------------------------
+# block and head
+
+
+class WanAttentionBlock(nn.Module):
+    """adaLN-modulated self-attention, un-modulated cross-attention, modulated FFN."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.eps = cfg.eps
+        # norm1 (before self-attn) and norm2 (before the FFN) have no affine parameters; norm3 does
+        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm32(D, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps, image=cfg.model_type != "t2v")
+        self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
+        self.modulation = nn.Parameter(torch.randn(1, 6, D) / D**0.5)
+
+    def forward(self, x, e0, txt, img, cos, sin, k_lens=None):
+        # x (B, L, D) is the fp32 residual stream; e0 (B, 6, D) fp32; matmuls run in the parameter dtype
+        cdt = self.ffn[0].weight.dtype
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
+        a = kernels.ln_modulate(x, shift_sa, scale_sa, self.eps, cdt)
+        x = x + self.self_attn(a, cos, sin, k_lens).float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x).to(cdt), txt, img).float()
+        a = kernels.ln_modulate(x, shift_ff, scale_ff, self.eps, cdt)
+        return x + self.ffn(a).float() * gate_ff
+
+
+class Head(nn.Module):
+    """Final adaLN (modulated by e, not e0) and the linear to patch pixels, all in fp32."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        shift, scale = (self.modulation.float() + e[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        return linear32(self.head, kernels.ln_modulate(x, shift, scale, self.eps, torch.float32))
+
+
+class MLPProj(nn.Module):
+    """CLIP image tokens -> model width (img_emb). Exact GELU and LayerNorm eps 1e-5, unlike the rest."""
+
+    def __init__(self, clip_dim, dim, flf):
+        super().__init__()
+        self.proj = nn.Sequential(LayerNorm32(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(),
+                                  nn.Linear(clip_dim, dim), LayerNorm32(dim))
+        if flf:  # first and last frame: 2 x 257 tokens with a learned position embedding
+            self.emb_pos = nn.Parameter(torch.zeros(1, 514, clip_dim))
+
+    def forward(self, x):
+        if hasattr(self, "emb_pos"):
+            x = x + self.emb_pos.float()
+        return self.proj(x.to(self.proj[1].weight.dtype))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class WanConfig:
+    """Architecture; the official config.json maps onto it (the fields it omits take these defaults)."""
+
+    model_type: str = "t2v"  # t2v | i2v | flf2v
+    patch_size: tuple = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 16
+    dim: int = 2048
+    ffn_dim: int = 8192
+    freq_dim: int = 256
+    text_dim: int = 4096
+    clip_dim: int = 1280
+    out_dim: int = 16
+    num_heads: int = 16
+    num_layers: int = 32
+    eps: float = 1e-6
+
+
+class WanModel(nn.Module):
+    """The Wan2.1 DiT: v = model(x, t, context[, clip_fea, y]), the flow velocity eps - x0."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        assert cfg.model_type in ("t2v", "i2v", "flf2v"), f"model_type {cfg.model_type!r}: use t2v, i2v or flf2v"
+        assert cfg.dim % cfg.num_heads == 0 and (cfg.dim // cfg.num_heads) % 2 == 0, "head_dim must be even"
+        self.cfg, D = cfg, cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.model_type != "t2v":
+            self.img_emb = MLPProj(cfg.clip_dim, D, flf=cfg.model_type == "flf2v")
+        self.grad_ckpt = False  # per-block activation checkpointing
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def init_weights(self):
+        """Official init: xavier linears, zero biases, N(0, 0.02) embeddings, zero head (so v starts at 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def forward(self, x, t, context, clip_fea=None, y=None, taps=()):
+        """x [B,16,F,H,W], t [B] in [0,1000], context [B,L<=text_len,text_dim]; i2v: clip_fea [B,257,1280]
+        (flf2v [B,514,1280]) and y [B,20,F,H,W]. Returns float32 [B,16,F,H,W].
+
+        With taps (block indices), returns (v, hidden, ctx): the residual stream after each tapped block,
+        [B, L, D] fp32, and the embedded context (image tokens first, then text), for the discriminator.
+        """
+        cfg = self.cfg
+        if (cfg.model_type == "t2v") != (y is None) or (y is None) != (clip_fea is None):
+            raise ValueError(f"a {cfg.model_type} model needs clip_fea and y" if y is None and clip_fea is None
+                             else "clip_fea and y go together, and only to an i2v or flf2v model")
+        if y is not None:
+            x = torch.cat([x, y], dim=1)  # (B, 36, F, H, W): noisy | mask | condition latent
+        cdt = self.patch_embedding.weight.dtype
+        B, _, F_, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (F_ // pt, H // ph, W // pw)
+        x = self.patch_embedding(x.to(cdt)).flatten(2).transpose(1, 2).float()  # (B, L, D), raster (f, h, w)
+        cos, sin = rope_angles(cfg.dim // cfg.num_heads, grid, x.device)
+
+        # time embedding and its projection in fp32 (official runs them in an fp32 autocast region)
+        e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], sinusoid(cfg.freq_dim, t))))
+        e0 = linear32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+
+        # text: zero rows up to text_len, all of them attended (no mask), as official
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens; at most text_len={cfg.text_len}")
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        txt = self.text_embedding(context.to(cdt))  # (B, text_len, D)
+        img = self.img_emb(clip_fea).to(cdt) if clip_fea is not None else None  # (B, 257 or 514, D)
+
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            if self.grad_ckpt and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, txt, img, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, e0, txt, img, cos, sin)
+            if i in taps:
+                hidden.append(x)
+
+        out = self.head(x, e)  # (B, L, prod(patch) * out_dim) fp32
+        # unpatchify: features are ordered (pt, ph, pw, c) with c fastest
+        out = out.view(B, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, cfg.out_dim, F_, H, W)
+        if taps:
+            ctx = txt if img is None else torch.cat([img, txt], dim=1)
+            return out, hidden, ctx
+        return out
+
+    # -------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Load an official checkpoint directory (config.json + single or sharded safetensors).
+
+        The model is built on the meta device and filled with tensors memory-mapped from the files, so a
+        checkpoint is never held twice in memory. dtype None keeps the file's dtype (fp32 for Wan); with
+        another dtype, the small modules Wan keeps in fp32 (time MLP, modulations, head) stay fp32.
+        """
+        cfg = load_config(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {}
+        for shard in weight_files(path):
+            for name, tensor in read_safetensors(shard):
+                keep32 = dtype is not None and (name.startswith(FP32_PREFIXES) or "modulation" in name)
+                target = torch.float32 if keep32 and tensor.is_floating_point() else dtype
+                state[name] = tensor.to(device=device, dtype=target)
+        check_state_dict(model, state, path)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+
+
+FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+
+PRESETS = {  # the official sizes (section 1.1) and a tiny one for tests
+    "t2v-1.3B": WanConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "t2v-14B": WanConfig("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-14B": WanConfig("i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "flf2v-14B": WanConfig("flf2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "tiny": WanConfig("t2v", dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, clip_dim=32, text_len=16),
+}
+
+
+def load_config(path):
+    """config.json -> WanConfig. Unknown keys (_class_name, _diffusers_version, ...) are ignored."""
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f} not found: pass an official Wan2.1 checkpoint directory as the path")
+    with open(f) as fh:
+        raw = json.load(fh)
+    names = {fl.name for fl in fields(WanConfig)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    return replace(WanConfig(), **kw)
+
+
+def weight_files(path):
+    """The DiT safetensors of a checkpoint directory: a single file, or the shards named by the index."""
+    single = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        with open(index) as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"shard {f} is named in {index} but missing: download it again")
+        return files
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors (or its .index.json) in {path}")
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_safetensors(f):
+    """Yield (name, tensor), each a zero-copy view of a private (copy-on-write) memory map of the file.
+
+    Pages are read only when a tensor is touched. Once the caller has taken a tensor (kept the view, or
+    converted it), its pages are released from this process; a kept view re-reads them from the file on
+    the next touch. So peak memory stays near one copy of the weights, whatever the target dtype or device.
+    A truncated file names itself.
+    """
+    size = os.path.getsize(f)
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0] if size >= 8 else 0
+        if n == 0 or 8 + n > size:
+            raise ValueError(f"{f} is not a complete safetensors file (truncated header): download it again")
+        header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{f} is truncated ({size} bytes, the header needs {8 + n + end}): download it again")
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if end else None
+    for name, v in header.items():
+        a, b = (8 + n + o for o in v["data_offsets"])
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=b - a, offset=a) if b > a else torch.empty(0, dtype=torch.uint8)
+        yield name, raw.view(DTYPES[v["dtype"]]).view(v["shape"])
+        if b > a:
+            start = a - a % mmap.PAGESIZE
+            buf.madvise(mmap.MADV_DONTNEED, start, b - start)
+
+
+def check_state_dict(model, state, path):
+    """One error naming every missing, unexpected and wrongly shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing: {', '.join(missing)}" if missing else "",
+                 f"unexpected: {', '.join(unexpected)}" if unexpected else "",
+                 f"wrong shape: {'; '.join(shapes)}" if shapes else ""]
+        raise ValueError(f"{path} does not match a {model.cfg.model_type} WanModel of its config.json: "
+                         + " | ".join(p for p in parts if p))
