@@ -1,7 +1,548 @@
-"""V-PAE distillation (not written yet: the distillation issue).
+"""V-PAE distillation of a Wan2.1 DiT into a one-step generator (../shared/spec/method.md).
 
-It will hold both training phases in plain PyTorch loops, as ../shared/spec/method.md describes:
-Phase I (stability priming, a DMD gradient against the CFG teacher and a LoRA fake score) and Phase II
-(the unified adversarial equilibrium, with discriminator heads reading the EMA generator's hidden states),
-on FSDP2, Ulysses sequence parallelism and torch.distributed.checkpoint, launched with torchrun.
+  torchrun --nproc_per_node=8 distill.py --teacher=Wan2.1-I2V-14B-480P --data=latents/ --out=run/ --sp=8
+  python distill.py --teacher=... --data=... --out=...            # one process works too
+
+Phase I (stability priming): a DMD gradient pulls the one-step output towards the CFG teacher, against a
+LoRA "fake" score that tracks the generator. Phase II (unified adversarial equilibrium): a hinge GAN whose
+discriminator is a few heads reading the hidden states of a frozen backbone that is the generator's own EMA,
+plus a conditional score-distillation term (C-SDS) to the CFG teacher. FSDP2 shards every model over all ranks,
+Ulysses sequence parallelism splits the tokens of one clip over `sp` ranks, and torch.distributed.checkpoint
+writes resumable checkpoints. Every [choice] of method.md is a field below.
 """
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import data as D
+from model import Discriminator, WanModel
+
+
+@dataclass
+class Config:
+    teacher: str = ""  # official Wan2.1 checkpoint directory: the teacher, and the generator's initialisation
+    data: str = ""  # a precomputed folder (data.py --out) or a video folder (precomputed into out/latents first)
+    out: str = "out"  # checkpoints, logs and the exported student.safetensors
+    phase1_steps: int = 500  # stability priming [paper]
+    phase2_steps: int = 1000  # adversarial equilibrium [paper]
+    batch_size: int = 32  # global batch per optimizer step [paper]; micro-batches are accumulated
+    micro_batch: int = 1  # clips per rank per forward
+    seed: int = 0
+    lr_phase1: float = 1e-6  # generator lr, Phase I [paper]
+    lr_phase2: float = 2e-6  # generator lr, Phase II [paper]
+    lr_fake: float = 1e-5  # LoRA fake-score lr [choice]
+    lr_disc: float = 1e-5  # discriminator-head lr [choice]
+    beta1: float = 0.0  # Adam betas (beta1, beta2) of the generator and heads in Phase II [choice, APT-like]
+    beta2: float = 0.99
+    sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]; 0 = off
+    shift: float = 3.0  # re-noising shift for DMD and C-SDS: the task's Wan sample shift [choice]; 5 for 720p/t2v
+    guide_scale: float = 5.0  # teacher CFG w [choice, Wan default]
+    k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
+    lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
+    disc_backbone: str = "ema"  # ema | live | teacher: whose hidden states the heads read [paper: ema]
+    disc_shift: float = 5.0  # discriminator noising shift [choice]
+    disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
+    disc_queries: int = 4  # learnable query tokens per head [choice]
+    disc_width: int = 1024  # head width [ours]
+    semantic: bool = True  # the semantic self-attention over image/text tokens in each head [paper]
+    lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]
+    lambda_r1: float = 1.0  # weight of the spatio-temporal R1 [choice]
+    r1_sigma_s: float = 0.01  # STR1 spatial perturbation [paper]
+    r1_sigma_t: float = 0.1  # STR1 temporal perturbation [paper]
+    ema: float = 0.995  # EMA decay [paper]
+    sp: int = 1  # Ulysses sequence-parallel degree (divides world size and num_heads)
+    grad_ckpt: bool = True  # per-block activation checkpointing
+    param_dtype: str = "bf16"  # FSDP compute dtype on GPU (CPU always runs fp32); grads reduce in fp32
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_ckpts: int = 3  # the newest k complete checkpoints are kept
+    max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
+    export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) [ours]
+    stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
+
+
+def parse_args(argv):
+    """--field=value overrides of Config, type-checked."""
+    cfg, types = Config(), {f.name: f.type.__name__ for f in dataclasses.fields(Config)}
+    for arg in argv:
+        m = re.fullmatch(r"--(\w+)=(.*)", arg)
+        if not m or m[1] not in types:
+            sys.exit(f"unknown argument {arg!r}: use --field=value with a field of Config in distill.py")
+        name, val, typ = m[1], m[2], types[m[1]]
+        try:
+            v = {"bool": lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()],
+                 "int": int, "float": float, "str": str}[typ](val)
+        except (KeyError, ValueError):
+            sys.exit(f"--{name}={val!r}: expected a {typ}")
+        setattr(cfg, name, v)
+    if cfg.disc_backbone not in ("ema", "live", "teacher"):
+        sys.exit(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# flow-matching helpers (x_s = (1 - s) x0 + s eps, v = eps - x0, t = 1000 s)
+
+
+def shift(s, k):
+    return k * s / (1 + (k - 1) * s)
+
+
+def bcast(s):
+    return s.view(-1, 1, 1, 1, 1)
+
+
+def noise_like(x, rng):
+    return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+
+
+def uniform(n, lo, hi, rng, device):
+    return lo + (hi - lo) * torch.rand(n, generator=rng, device=device)
+
+
+class LoRA(nn.Module):
+    """A low-rank update out += B(A(x)) on one Linear, through a forward hook; B starts at zero so F = T."""
+
+    def __init__(self, lin, rank, state):
+        super().__init__()
+        self.A = nn.Linear(lin.in_features, rank, bias=False)
+        self.B = nn.Linear(rank, lin.out_features, bias=False)
+        nn.init.zeros_(self.B.weight)
+        lin.register_forward_hook(lambda mod, args, out: out + self.B(self.A(args[0])) if state["on"] else out)
+
+
+def add_lora(model, rank):
+    """Attach LoRAs to the attention and FFN linears of every block. Returns a switch: state["on"]."""
+    state = {"on": False}
+    for block in model.blocks:
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith(("self_attn", "cross_attn", "ffn"))]
+        block.lora = nn.ModuleDict({n.replace(".", "_"): LoRA(block.get_submodule(n), rank, state) for n in names})
+        block.lora.requires_grad_(True)
+    return state
+
+
+def run(model, x, s, cond, **kw):
+    """The DiT on latents x at noise level s [B] with condition dict cond (context, and clip_fea/y for i2v)."""
+    return model(x, 1000 * s, cond["context"], cond.get("clip_fea"), cond.get("y"), **kw)
+
+
+def cfg_velocity(teacher, x, s, cond, neg, w):
+    """v_T^w = v(c_neg) + w (v(c) - v(c_neg)), both halves in one batch."""
+    both = {k: torch.cat([v, neg[k] if k == "context" else v]) for k, v in cond.items()}
+    v_c, v_n = run(teacher, torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
+    return v_n + w * (v_c - v_n)
+
+
+# -----------------------------------------------------------------------------
+# the losses (method.md), each a plain function of tensors so the tests can check it directly
+
+
+def dmd_loss(x0_hat, x0_real, x0_fake):
+    """DMD in x0 form: g = (x0_fake - x0_real) / mean|x0_hat - x0_real| per sample; L = 1/2 mean((x0_hat - sg(x0_hat - g))^2)."""
+    with torch.no_grad():
+        norm = (x0_hat - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        target = x0_hat - (x0_fake - x0_real) / norm.clamp_min(1e-8)
+    return 0.5 * F.mse_loss(x0_hat, target)
+
+
+def hinge_d(d_real, d_fake):
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
+
+def str1_delta(x, sigma_s, sigma_t, rng):
+    """Spatio-temporal perturbation: i.i.d. per element, plus one draw per (sample, channel, frame) over H and W."""
+    eps_t = torch.randn(*x.shape[:3], 1, 1, generator=rng, device=x.device)
+    return sigma_s * noise_like(x, rng) + sigma_t * eps_t
+
+
+def str1_loss(d_pert, d_clean, delta):
+    """Finite-difference R1: mean((D(x + delta) - D(x))^2) / mean(delta^2)."""
+    return (d_pert - d_clean).pow(2).mean() / delta.pow(2).mean()
+
+
+def csds_loss(x0_hat, target):
+    return F.mse_loss(x0_hat, target.detach())
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step of each kind; each returns a dict of logged scalars
+
+
+def phase1_step(cfg, m, batch, rng):
+    """Stability priming: DMD generator step, then k_fake fake-score steps on the same sample."""
+    x0, cond = batch["latent"], batch["cond"]
+    B, dev = x0.shape[0], x0.device
+    s_g = uniform(B, cfg.sigma_g_min, 1.0, rng, dev)
+    x_in = (1 - bcast(s_g)) * x0 + bcast(s_g) * noise_like(x0, rng)
+    x0_hat = x_in - bcast(s_g) * run(m.gen, x_in, s_g, cond)
+    s = shift(uniform(B, 0.02, 0.98, rng, dev), cfg.shift)
+    x_s = (1 - bcast(s)) * x0_hat.detach() + bcast(s) * noise_like(x0, rng)
+    with torch.no_grad():
+        x0_real = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
+        m.lora["on"] = True
+        x0_fake = x_s - bcast(s) * run(m.teacher, x_s, s, cond)
+        m.lora["on"] = False
+    loss_g = dmd_loss(x0_hat, x0_real, x0_fake)
+    loss_g.backward()
+    loss_f = 0.0
+    m.lora["on"] = True
+    for _ in range(cfg.k_fake):
+        s2 = shift(uniform(B, 0.02, 0.98, rng, dev), cfg.shift)
+        eps = noise_like(x0, rng)
+        x_s2 = (1 - bcast(s2)) * x0_hat.detach() + bcast(s2) * eps
+        lf = F.mse_loss(run(m.teacher, x_s2, s2, cond), eps - x0_hat.detach()) / cfg.k_fake
+        lf.backward()
+        loss_f += lf.detach()
+    m.lora["on"] = False
+    return {"loss_dmd": loss_g.detach(), "loss_fake": loss_f}
+
+
+def noisy_d(cfg, xs, rng):
+    """Noise each of the tensors xs at one shared sigma_d = shift(u, disc_shift) per sample."""
+    s = shift(uniform(xs[0].shape[0], 0.02, 0.98, rng, xs[0].device), cfg.disc_shift)
+    return [(1 - bcast(s)) * x + bcast(s) * noise_like(x, rng) for x in xs], s
+
+
+def disc(m, x_d, s, cond):
+    """D = the heads on the hidden states of the frozen backbone (no parameter of it gets a gradient)."""
+    _, hidden, ctx = run(m.backbone, x_d, s, cond, taps=m.disc.taps)
+    return m.disc(hidden, ctx)
+
+
+def phase2_d_step(cfg, m, batch, rng):
+    """Hinge loss + STR1 on the heads only. Real, perturbed real and fake go through one backbone pass."""
+    x0, cond = batch["latent"], batch["cond"]
+    B = x0.shape[0]
+    with torch.no_grad():
+        eps = noise_like(x0, rng)
+        fake = eps - run(m.gen, eps, torch.ones(B, device=x0.device), cond)
+        (real_d, fake_d), s = noisy_d(cfg, [x0, fake], rng)
+        delta = str1_delta(x0, cfg.r1_sigma_s, cfg.r1_sigma_t, rng)
+        cond3 = {k: torch.cat([v, v, v]) for k, v in cond.items()}
+        _, hidden, ctx = run(m.backbone, torch.cat([real_d, real_d + delta, fake_d]), s.repeat(3), cond3, taps=m.disc.taps)
+    d_real, d_pert, d_fake = m.disc(hidden, ctx).chunk(3)
+    loss_adv = hinge_d(d_real, d_fake)
+    loss_r1 = str1_loss(d_pert, d_real, delta)
+    (loss_adv + cfg.lambda_r1 * loss_r1).backward()
+    return {"loss_d": loss_adv.detach(), "loss_r1": loss_r1.detach(), "d_real": d_real.mean().detach(),
+            "d_fake": d_fake.mean().detach()}
+
+
+def phase2_g_step(cfg, m, batch, rng):
+    """L_G = -mean D(x0_hat) + lambda_csds * C-SDS; the gradient reaches the generator only through x0_hat."""
+    x0, cond = batch["latent"], batch["cond"]
+    B, dev = x0.shape[0], x0.device
+    eps = noise_like(x0, rng)
+    x0_hat = eps - run(m.gen, eps, torch.ones(B, device=dev), cond)
+    (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)
+    loss_adv = -disc(m, fake_d, s_d, cond).mean()
+    s = shift(uniform(B, 0.02, 0.98, rng, dev), cfg.shift)
+    with torch.no_grad():
+        x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
+        target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
+    loss_csds = csds_loss(x0_hat, target)
+    (loss_adv + cfg.lambda_csds * loss_csds).backward()
+    return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach()}
+
+
+# -----------------------------------------------------------------------------
+# setup: process groups, models, sharding, data
+
+
+def setup_dist(cfg):
+    """torchrun env (or a single process), nccl on GPU and gloo on CPU; returns (device, dp_rank, dp, sp_group)."""
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(k, v)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % cfg.sp:
+        sys.exit(f"--sp={cfg.sp} must divide the world size {world}")
+    groups = [dist.new_group(list(range(i * cfg.sp, (i + 1) * cfg.sp))) for i in range(world // cfg.sp)]
+    sp_group = groups[rank // cfg.sp] if cfg.sp > 1 else None
+    return torch.device("cuda" if cuda else "cpu"), rank // cfg.sp, world // cfg.sp, sp_group
+
+
+def shard(model, device, cfg):
+    """FSDP2: one unit per DiT block (as official), the rest in the root unit; bf16 compute, fp32 reduce on GPU."""
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype] if device.type == "cuda" else torch.float32
+    # the model casts its own inputs (the residual stream stays fp32), so FSDP must not
+    mp = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+class Models:
+    """The generator G, its EMA E, the teacher T with the fake-score LoRA, the discriminator heads, the D backbone."""
+
+    def __init__(self, cfg, device, sp_group):
+        load = lambda: WanModel.from_pretrained(cfg.teacher)  # fp32 memory-mapped; FSDP moves each rank's shard
+        self.gen, self.ema, self.teacher = load().requires_grad_(True).train(), load(), load()
+        self.lora = add_lora(self.teacher, cfg.lora_rank)
+        n = self.gen.cfg.num_layers
+        taps = sorted({max(0, (k + 1) * n // cfg.disc_taps - 1) for k in range(cfg.disc_taps)})  # 9,19,29,39 of 40
+        self.disc = Discriminator(self.gen.cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
+        self.live = load() if cfg.disc_backbone == "live" else None  # a frozen copy of G, synced every step
+        for mdl in (self.gen, self.ema, self.teacher, self.live):
+            if mdl is not None:
+                mdl.grad_ckpt, mdl.sp_group = cfg.grad_ckpt, sp_group
+                shard(mdl, device, cfg)
+        shard(self.disc, device, cfg)
+        self.backbone = {"ema": self.ema, "live": self.live, "teacher": self.teacher}[cfg.disc_backbone]
+
+
+def prepare(batch, neg, text_len, device):
+    """A Loader batch -> latent, condition dict and negative condition on the device (contexts padded to text_len)."""
+    pad = lambda c: F.pad(c, (0, 0, 0, text_len - c.shape[-2]))
+    cond = {"context": pad(batch["context"]).to(device)}
+    if "y" in batch:
+        cond["y"], cond["clip_fea"] = batch["y"].to(device), batch["clip"].to(device)
+    B = batch["latent"].shape[0]
+    return {"latent": batch["latent"].to(device), "cond": cond,
+            "neg": {"context": pad(neg)[None].expand(B, -1, -1).to(device)}}
+
+
+def memory_estimate(cfg, m, world, tokens):
+    """Bytes per GPU before the first step: sharded states plus checkpointed activations. Printed, not enforced."""
+    numel = lambda mod: sum(p.numel() for p in mod.parameters())
+    P, H = numel(m.gen), numel(m.disc)
+    Lora = sum(p.numel() for p in m.teacher.parameters() if p.requires_grad)
+    rows = [("generator fp32 + grads", 8 * P / world), ("generator Adam", 8 * P / world),
+            ("EMA fp32", 4 * P / world), ("teacher fp32 (bf16 compute)", 4 * (P + Lora) / world),
+            ("LoRA + heads with Adam", 16 * (Lora + H) / world)]
+    if m.live is not None:
+        rows.append(("live backbone copy", 4 * P / world))
+    # with checkpointing each block keeps its fp32 input; Phase II's G step backprops through G and the backbone
+    rows.append(("activations (2 passes, block inputs)", 2 * cfg.micro_batch * m.gen.cfg.num_layers * tokens / cfg.sp * m.gen.cfg.dim * 4))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: torch.distributed.checkpoint into ckpt_<step>.tmp, renamed once complete
+
+
+def latest_ckpt(out):
+    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt_\d{8}", d)) if os.path.isdir(out) else []
+    return os.path.join(out, done[-1]) if done else None
+
+
+def train_state(m, opts):
+    state = {}
+    for name, mdl, opt in (("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])):
+        state[name], state["opt_" + name] = get_state_dict(mdl, opt, options=StateDictOptions(ignore_frozen_params=True))
+    state["ema"] = get_state_dict(m.ema, [])[0]
+    return state
+
+
+def save_ckpt(cfg, m, opts, step, extra):
+    rank, final = dist.get_rank(), os.path.join(cfg.out, f"ckpt_{step:08d}")
+    tmp = final + ".tmp"
+    dcp.save(train_state(m, opts), checkpoint_id=tmp)
+    torch.save(extra, os.path.join(tmp, f"rank{rank}.pt"))  # RNG state and data position of this rank
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        os.replace(tmp, final)  # atomic: resume only ever sees complete checkpoints
+        for old in sorted(d for d in os.listdir(cfg.out) if re.fullmatch(r"ckpt_\d{8}", d))[:-cfg.keep_ckpts]:
+            shutil.rmtree(os.path.join(cfg.out, old))
+    dist.barrier()
+
+
+def load_ckpt(path, m, opts):
+    state = train_state(m, opts)
+    dcp.load(state, checkpoint_id=path)
+    for name, mdl, opt in (("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])):
+        set_state_dict(mdl, opt, model_state_dict=state[name], optim_state_dict=state["opt_" + name],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=name != "lora"))
+    set_state_dict(m.ema, [], model_state_dict=state["ema"], optim_state_dict={})
+    return torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
+
+
+def export_student(cfg, m):
+    """The EMA generator as one safetensors file with the official key names, plus its config.json."""
+    from safetensors.torch import save_file
+    sd = get_state_dict(m.ema, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    if dist.get_rank() == 0:
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
+        path = os.path.join(cfg.out, "student.safetensors")
+        save_file({k: v.to(dt).contiguous() for k, v in sd.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        shutil.copy(os.path.join(cfg.teacher, "config.json"), os.path.join(cfg.out, "config.json"))
+        print(f"exported the EMA generator to {path}")
+    dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    device, dp_rank, dp, sp_group = setup_dist(cfg)
+    rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
+    if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
+        sys.exit(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
+    if os.path.exists(os.path.join(cfg.out, "student.safetensors")):
+        sys.exit(f"{cfg.out}/student.safetensors exists: this run has finished; pick another --out")
+    if cfg.batch_size % (dp * cfg.micro_batch):
+        sys.exit(f"--batch_size={cfg.batch_size} must be a multiple of data-parallel ranks ({dp}) x micro_batch ({cfg.micro_batch})")
+    accum = cfg.batch_size // (dp * cfg.micro_batch)
+    os.makedirs(cfg.out, exist_ok=True)
+    data_dir = cfg.data
+    if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, on rank 0
+        data_dir = os.path.join(cfg.out, "latents")
+        if master:
+            D.precompute(cfg.teacher, cfg.data, data_dir, device=device.type)
+        dist.barrier()
+    dataset = D.LatentDataset(data_dir)
+    loader = D.Loader(dataset, cfg.micro_batch, rank=dp_rank, world=dp, seed=cfg.seed)
+
+    torch.manual_seed(cfg.seed)  # identical initial heads and LoRA on every rank
+    m = Models(cfg, device, sp_group)
+    if m.gen.cfg.model_type != dataset.model_type:
+        sys.exit(f"the data in {data_dir} is {dataset.model_type} but the teacher is {m.gen.cfg.model_type}")
+    opts = {"gen": torch.optim.Adam(m.gen.parameters(), lr=cfg.lr_phase1),
+            "fake": torch.optim.Adam([p for p in m.teacher.parameters() if p.requires_grad], lr=cfg.lr_fake),
+            "disc": torch.optim.Adam(m.disc.parameters(), lr=cfg.lr_disc, betas=(cfg.beta1, cfg.beta2))}
+    rng = torch.Generator(device).manual_seed(cfg.seed * 1000 + dp_rank)  # ranks of one sp group draw alike
+
+    x = dataset[0]["latent"]
+    tokens = x.shape[1] * x.shape[2] * x.shape[3] // 4
+    if master:
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"world {world} = {dp} data-parallel x {cfg.sp} sequence-parallel; {accum} micro-batches of "
+              f"{cfg.micro_batch} per step; {tokens} tokens per clip; {len(dataset)} clips")
+        rows = memory_estimate(cfg, m, world, tokens)
+        for name, b in rows + [("total", sum(b for _, b in rows))]:
+            print(f"  memory per GPU  {name:40s} {b / 2**30:8.2f} GiB")
+
+    # Materialise every Adam state now (get_state_dict does it with a zero-lr step) and reset its step count,
+    # so a fresh run and a resumed one hold the same state whenever a checkpoint happens to be taken.
+    train_state(m, opts)
+    for opt in opts.values():
+        for st in opt.state.values():
+            st["step"].zero_()
+    step, bad = 0, 0
+    ck = latest_ckpt(cfg.out)
+    if ck:
+        extra = load_ckpt(ck, m, opts)
+        step, bad = extra["step"], extra["bad"]
+        rng.set_state(extra["rng"])
+        loader.load_state_dict(extra["loader"])
+        if master:
+            print(f"resumed from {ck} at step {step}")
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # preemption: save, then exit
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    total, sums, n_log, start = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step
+
+    def opt_step(name, params):
+        """Average the accumulated grads, measure the global norm; step unless it is not finite."""
+        nonlocal bad
+        params = [p for p in params if p.grad is not None]
+        for p in params:
+            p.grad.div_(accum)
+        norm = nn.utils.clip_grad_norm_(params, float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        ok = bool(torch.isfinite(norm))  # the norm is global, so every rank decides alike
+        if ok:
+            opts[name].step()
+        else:
+            bad += 1
+            if master:
+                print(f"step {step}: non-finite {name} gradient, step skipped ({bad}/{cfg.max_bad_steps})")
+        opts[name].zero_grad(set_to_none=True)
+        return {f"gnorm_{name}": norm.detach(), f"skipped_{name}": float(not ok)}
+
+    while step < total:
+        t0 = time.perf_counter()
+        phase = 1 if step < cfg.phase1_steps else 2
+        if step == cfg.phase1_steps:  # Phase II: the generator's lr and betas change; its Adam state carries over
+            for g in opts["gen"].param_groups:
+                g["lr"], g["betas"] = cfg.lr_phase2, (cfg.beta1, cfg.beta2)
+        stats = {}
+        if phase == 1:
+            for _ in range(accum):
+                b = prepare(next(loader), dataset.neg_context, m.gen.cfg.text_len, device)
+                for k, v in phase1_step(cfg, m, b, rng).items():
+                    stats[k] = stats.get(k, 0) + v / accum
+            stats |= opt_step("gen", m.gen.parameters()) | opt_step("fake", opts["fake"].param_groups[0]["params"])
+        else:
+            if m.live is not None:
+                ema_update(m.live, m.gen, 0.0)
+            batches = [prepare(next(loader), dataset.neg_context, m.gen.cfg.text_len, device) for _ in range(accum)]
+            opts["disc"].zero_grad(set_to_none=True)
+            for b in batches:  # discriminator step, then generator step on the same clips
+                for k, v in phase2_d_step(cfg, m, b, rng).items():
+                    stats[k] = stats.get(k, 0) + v / accum
+            stats |= opt_step("disc", m.disc.parameters())
+            for b in batches:
+                for k, v in phase2_g_step(cfg, m, b, rng).items():
+                    stats[k] = stats.get(k, 0) + v / accum
+            opts["disc"].zero_grad(set_to_none=True)  # L_G reached the heads' parameters: never used
+            stats |= opt_step("gen", m.gen.parameters())
+        if not stats["skipped_gen"]:
+            ema_update(m.ema, m.gen, cfg.ema)
+        step += 1
+        dt = time.perf_counter() - t0
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + float(v)
+        sums["step_s"], n_log = sums.get("step_s", 0) + dt, n_log + 1
+        if bad >= cfg.max_bad_steps or (step - start == cfg.stop_after and step < total):
+            stop["now"] = True
+        flag = torch.tensor([float(stop["now"])], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank's SIGTERM stops all of them together
+        if step % cfg.log_every == 0 or step == total or flag.item():
+            vals = torch.tensor([sums[k] / n_log for k in sorted(sums)], device=device)
+            dist.all_reduce(vals)
+            rec = {"step": step, "phase": phase} | {k: round(v / world, 6) for k, v in zip(sorted(sums), vals.tolist())}
+            rec["tokens_per_s"] = round(cfg.batch_size * tokens / rec["step_s"], 1)
+            rec["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() if device.type == "cuda" else
+                                         __import__("resource").getrusage(0).ru_maxrss * 1024) / 2**30, 3)
+            if master:
+                print(json.dumps(rec), flush=True)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            sums, n_log = {}, 0
+        if step % cfg.ckpt_every == 0 or step == total or flag.item():
+            save_ckpt(cfg, m, opts, step, {"step": step, "bad": bad, "rng": rng.get_state(), "loader": loader.state_dict()})
+        if flag.item():
+            if master:
+                print(f"stopped at step {step}: " + ("too many non-finite losses; lower the lr or check the data"
+                                                     if bad >= cfg.max_bad_steps else "checkpoint saved; rerun to resume"))
+            dist.destroy_process_group()
+            sys.exit(1 if bad >= cfg.max_bad_steps else 0)
+    export_student(cfg, m)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dfn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -53,6 +55,18 @@ def linear32(lin, x):
     return F.linear(x.float(), lin.weight.float(), lin.bias.float())
 
 
+def all_to_all(x, group, scatter_dim, gather_dim):
+    """Ulysses all-to-all with autograd: split x along scatter_dim over the group, concat what arrives along gather_dim."""
+    world = dist.get_world_size(group)
+    chunks = [c.contiguous() for c in x.chunk(world, scatter_dim)]
+    return torch.cat(dfn.all_to_all([torch.empty_like(c) for c in chunks], chunks, group=group), dim=gather_dim)
+
+
+def gather_seq(x, group, L):
+    """All-gather the sequence chunks of every rank (with autograd) and drop the padding: [B, L, ...]."""
+    return torch.cat(dfn.all_gather(x.contiguous(), group=group), dim=1)[:, :L]
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back to the input dtype (WanLayerNorm)."""
 
@@ -84,12 +98,17 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, cos, sin, k_lens=None):
+    def forward(self, x, cos, sin, k_lens=None, sp=None):
         B, L, D = x.shape
         q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, self.num_heads, self.eps, cos, sin)  # (B, L, H, hd)
         k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, self.num_heads, self.eps, cos, sin)
         v = self.v(x).view(B, L, self.num_heads, -1)
-        return self.o(kernels.attention(q, k, v, k_lens).flatten(2))  # (B, L, D)
+        if sp is None:
+            return self.o(kernels.attention(q, k, v, k_lens).flatten(2))  # (B, L, D)
+        # Ulysses: trade the sequence split for a head split, attend over the full sequence, trade back
+        q, k, v = (all_to_all(a, sp, scatter_dim=2, gather_dim=1) for a in (q, k, v))  # (B, L*sp, H/sp, hd)
+        o = all_to_all(kernels.attention(q, k, v, k_lens), sp, scatter_dim=1, gather_dim=2)  # (B, L, H, hd)
+        return self.o(o.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -137,12 +156,12 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D**0.5)
 
-    def forward(self, x, e0, txt, img, cos, sin, k_lens=None):
+    def forward(self, x, e0, txt, img, cos, sin, k_lens=None, sp=None):
         # x (B, L, D) is the fp32 residual stream; e0 (B, 6, D) fp32; matmuls run in the parameter dtype
         cdt = self.ffn[0].weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
         a = kernels.ln_modulate(x, shift_sa, scale_sa, self.eps, cdt)
-        x = x + self.self_attn(a, cos, sin, k_lens).float() * gate_sa
+        x = x + self.self_attn(a, cos, sin, k_lens, sp).float() * gate_sa
         x = x + self.cross_attn(self.norm3(x).to(cdt), txt, img).float()
         a = kernels.ln_modulate(x, shift_ff, scale_ff, self.eps, cdt)
         return x + self.ffn(a).float() * gate_ff
@@ -218,6 +237,7 @@ class WanModel(nn.Module):
         if cfg.model_type != "t2v":
             self.img_emb = MLPProj(cfg.clip_dim, D, flf=cfg.model_type == "flf2v")
         self.grad_ckpt = False  # per-block activation checkpointing
+        self.sp_group = None  # a process group: Ulysses sequence parallelism over its ranks (set by the caller)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -253,6 +273,15 @@ class WanModel(nn.Module):
         grid = (F_ // pt, H // ph, W // pw)
         x = self.patch_embedding(x.to(cdt)).flatten(2).transpose(1, 2).float()  # (B, L, D), raster (f, h, w)
         cos, sin = rope_angles(cfg.dim // cfg.num_heads, grid, x.device)
+        L, sp, k_lens = x.shape[1], self.sp_group, None
+        if sp is not None:
+            # each rank keeps one chunk of the (zero-padded) sequence; the padding is masked as keys and
+            # rotates by angle 0. (Official xDiT leaves pad keys unmasked; masking them is exact.)
+            n, r = dist.get_world_size(sp), dist.get_rank(sp)
+            pad = -L % n
+            x = F.pad(x, (0, 0, 0, pad)).chunk(n, dim=1)[r]
+            cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0).chunk(n)[r], F.pad(sin, (0, 0, 0, pad)).chunk(n)[r]
+            k_lens = torch.full((B,), L, device=x.device)
 
         # time embedding and its projection in fp32 (official runs them in an fp32 autocast region)
         e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], sinusoid(cfg.freq_dim, t))))
@@ -268,13 +297,15 @@ class WanModel(nn.Module):
         hidden = []
         for i, block in enumerate(self.blocks):
             if self.grad_ckpt and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, txt, img, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, e0, txt, img, cos, sin, k_lens, sp, use_reentrant=False)
             else:
-                x = block(x, e0, txt, img, cos, sin)
+                x = block(x, e0, txt, img, cos, sin, k_lens, sp)
             if i in taps:
-                hidden.append(x)
+                hidden.append(x if sp is None else gather_seq(x, sp, L))
 
         out = self.head(x, e)  # (B, L, prod(patch) * out_dim) fp32
+        if sp is not None:
+            out = gather_seq(out, sp, L)
         # unpatchify: features are ordered (pt, ph, pw, c) with c fastest
         out = out.view(B, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, cfg.out_dim, F_, H, W)
@@ -288,13 +319,15 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """Load an official checkpoint directory (config.json + single or sharded safetensors).
+        """Load an official checkpoint directory (config.json + single or sharded safetensors), or one
+        .safetensors file with the official key names (e.g. an exported student) with config.json beside it.
 
         The model is built on the meta device and filled with tensors memory-mapped from the files, so a
         checkpoint is never held twice in memory. dtype None keeps the file's dtype (fp32 for Wan); with
         another dtype, the small modules Wan keeps in fp32 (time MLP, modulations, head) stay fp32.
         """
-        cfg = load_config(path)
+        path = os.fspath(path)
+        cfg = load_config(os.path.dirname(path) if path.endswith(".safetensors") else path)
         with torch.device("meta"):
             model = cls(cfg)
         state = {}
@@ -306,6 +339,53 @@ class WanModel(nn.Module):
         check_state_dict(model, state, path)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# the discriminator heads (V-PAE, ../shared/spec/method.md, Phase II)
+
+
+class DiscHead(nn.Module):
+    """Learnable queries cross-attend to one block's hidden states, then an MLP gives one logit per sample.
+
+    With `semantic`, the queries first pass one self-attention layer together with the projected image
+    and text tokens of the backbone's context, so the logit can judge the video against its condition.
+    """
+
+    def __init__(self, dim, width, n_queries, semantic, head_dim=64):
+        super().__init__()
+        self.heads = width // head_dim
+        self.queries = nn.Parameter(torch.randn(1, n_queries, width) * 0.02)
+        self.norm_h = nn.LayerNorm(dim, elementwise_affine=False)
+        self.q, self.kv, self.o = nn.Linear(width, width), nn.Linear(dim, 2 * width), nn.Linear(width, width)
+        if semantic:
+            self.ctx_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
+            self.sem = nn.TransformerEncoderLayer(width, self.heads, 4 * width, dropout=0.0, activation="gelu",
+                                                  batch_first=True, norm_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, h, ctx=None):
+        # h (B, L, D): hidden states of one tapped block; ctx (B, Lc, D): the backbone's embedded context
+        B, n, w = h.shape[0], self.queries.shape[1], self.queries.shape[2]
+        z = self.queries.expand(B, -1, -1)
+        if hasattr(self, "sem"):
+            z = self.sem(torch.cat([z, self.ctx_proj(ctx.float())], dim=1))[:, :n]  # keep the query positions
+        q = self.q(z).view(B, n, self.heads, -1)
+        k, v = self.kv(self.norm_h(h.float())).view(B, -1, 2, self.heads, w // self.heads).unbind(2)
+        z = z + self.o(kernels.attention(q, k, v).flatten(2))  # (B, n, width)
+        return self.mlp(z).mean(dim=(1, 2))  # (B,)
+
+
+class Discriminator(nn.Module):
+    """D(x) = sum of one DiscHead per tapped backbone block. Only these heads train (the backbone is frozen)."""
+
+    def __init__(self, dim, taps, width=1024, n_queries=4, semantic=True):
+        super().__init__()
+        self.taps = tuple(taps)
+        self.heads = nn.ModuleList(DiscHead(dim, width, n_queries, semantic) for _ in self.taps)
+
+    def forward(self, hidden, ctx):
+        return sum(head(h, ctx) for head, h in zip(self.heads, hidden))  # (B,)
 
 
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
@@ -333,6 +413,10 @@ def load_config(path):
 
 def weight_files(path):
     """The DiT safetensors of a checkpoint directory: a single file, or the shards named by the index."""
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found")
+        return [path]
     single = os.path.join(path, "diffusion_pytorch_model.safetensors")
     index = single + ".index.json"
     if os.path.isfile(index):
