@@ -64,7 +64,8 @@ def all_to_all(x, group, scatter_dim, gather_dim):
 
 def gather_seq(x, group, L):
     """All-gather the sequence chunks of every rank (with autograd) and drop the padding: [B, L, ...]."""
-    return torch.cat(dfn.all_gather(x.contiguous(), group=group), dim=1)[:, :L]
+    x = torch.cat(dfn.all_gather(x.contiguous(), group=group), dim=1)
+    return x if x.shape[1] == L else x[:, :L].clone()  # a copy, not a view: FSDP2 warns on returned views
 
 
 class LayerNorm32(nn.LayerNorm):

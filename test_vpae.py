@@ -271,3 +271,111 @@ def test_loading_peak_memory(tmp_path):
                          capture_output=True, text=True, cwd=HERE, check=True).stdout
     ratio = float(out.split("peak/size=")[1].split(",")[0])
     assert ratio < 1.25, out
+
+
+def test_sequence_parallel_matches_single_process(tmp_path):
+    """2 ranks on gloo, Ulysses over both: the output and the (rank-summed) gradients equal one process."""
+    cfg = tiny_cfg("i2v")
+    write_official(random_model(cfg), tmp_path / "ckpt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(HERE, "test_vpae.py"), "sp", str(tmp_path / "ckpt")]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert out.returncode == 0 and out.stdout.count("SP OK") == 2, out.stdout + out.stderr
+
+
+def sp_worker(ckpt):
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    m = M.WanModel.from_pretrained(ckpt).requires_grad_(True)
+    x, t, ctx, kw = inputs(m.cfg, F_=3, H=2, W=6)  # 9 tokens: rank 1 holds one padding token
+    results = []
+    for sp in (None, dist.group.WORLD):
+        m.sp_group = sp
+        m.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        out = m(xx, t, ctx, **kw)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        g = torch.cat([p.grad.flatten() for p in m.parameters()] + [xx.grad.flatten()])
+        if sp is not None:
+            dist.all_reduce(g)
+            g /= 2  # every rank computed the same loss, so its chunk's gradient came back twice
+        results.append((out.detach(), g))
+    (o1, g1), (o2, g2) = results
+    assert (o1 - o2).abs().max() < 1e-5 * o1.abs().max(), (o1 - o2).abs().max()
+    assert (g1 - g2).abs().max() < 1e-4 * g1.abs().max(), (g1 - g2).abs().max()
+    print("SP OK")
+    dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# distill.py: each loss term against a direct computation
+
+
+def test_hinge_and_str1():
+    import distill
+    assert torch.isclose(distill.hinge_d(torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.3])), torch.tensor(0.9))
+    rng = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 3, 4, 5, 6)
+    d = distill.str1_delta(x, 0.0, 0.1, rng)  # temporal part alone: constant over H and W, varies over frames
+    assert torch.equal(d, d[..., :1, :1].expand_as(d)) and d[0, 0, 0, 0, 0] != d[0, 0, 1, 0, 0]
+    d = distill.str1_delta(x, 0.01, 0.1, rng)
+    a = torch.randn(3, 4, 5, 6)
+    D = lambda v: (v * a).sum(dim=(1, 2, 3, 4))  # a linear "discriminator": D(x + d) - D(x) = a . d
+    ref = ((d * a).sum(dim=(1, 2, 3, 4)) ** 2).mean() / (d**2).mean()
+    assert torch.isclose(distill.str1_loss(D(x + d), D(x), d), ref)
+
+
+def test_dmd_gradient_and_csds_target():
+    import distill
+    g = torch.Generator().manual_seed(0)
+    x0_hat, real, fake = (torch.randn(2, 4, 2, 3, 3, generator=g) for _ in range(3))
+    x0_hat.requires_grad_(True)
+    distill.dmd_loss(x0_hat, real, fake).backward()
+    norm = (x0_hat - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    # d/dx 1/2 mean((x - sg(x - grad))^2) = grad / numel, with grad = (fake - real) / mean|x - real|
+    assert torch.allclose(x0_hat.grad, (fake - real) / norm / x0_hat.numel(), atol=1e-7)
+
+    # CFG velocity: v(c_neg) + w (v(c) - v(c_neg)), on a teacher whose velocity is x * mean(context)
+    teacher = lambda x, t, ctx, clip, y: x * ctx.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1) + t.view(-1, 1, 1, 1, 1)
+    x, s = torch.randn(2, 4, 1, 2, 2, generator=g), torch.tensor([0.3, 0.8])
+    c, n = torch.full((2, 3, 5), 2.0), torch.full((2, 3, 5), -1.0)
+    v = distill.cfg_velocity(teacher, x, s, {"context": c}, {"context": n}, 5.0)
+    v_c, v_n = 2 * x + 1000 * s.view(-1, 1, 1, 1, 1), -x + 1000 * s.view(-1, 1, 1, 1, 1)
+    assert torch.allclose(v, v_n + 5.0 * (v_c - v_n))
+    target = x - s.view(-1, 1, 1, 1, 1) * v  # the C-SDS target x0 of the CFG teacher
+    x0 = torch.randn(x.shape, generator=g)
+    assert torch.isclose(distill.csds_loss(x0, target), ((x0 - target) ** 2).mean())
+
+
+def test_ema_update():
+    import distill
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expect = [0.995 * pa.detach() + 0.005 * pb.detach() for pa, pb in zip(a.parameters(), b.parameters())]
+    distill.ema_update(a, b, 0.995)
+    assert all(torch.allclose(e, p) for e, p in zip(expect, a.parameters()))
+
+
+def test_phase2_gradients_reach_only_the_generator_and_heads():
+    """L_G reaches the generator through x0_hat; the backbone (E) gets no gradient from either loss."""
+    import types
+    import distill
+    cfg = tiny_cfg("i2v")
+    gen = random_model(cfg, 0).requires_grad_(True)
+    ema = random_model(cfg, 0).requires_grad_(False)
+    disc = M.Discriminator(cfg.dim, (0, 1), width=64, n_queries=2)
+    m = types.SimpleNamespace(gen=gen, ema=ema, backbone=ema, teacher=ema, disc=disc)
+    x, t, ctx, kw = inputs(cfg, B=1)
+    batch = {"latent": x[:1], "cond": {"context": F.pad(ctx[:1], (0, 0, 0, cfg.text_len - ctx.shape[1])),
+                                        "clip_fea": kw["clip_fea"][:1], "y": kw["y"][:1]},
+             "neg": {"context": torch.zeros(1, cfg.text_len, cfg.text_dim)}}
+    c = distill.Config(lora_rank=4)
+    rng = torch.Generator().manual_seed(0)
+    distill.phase2_d_step(c, m, batch, rng)
+    assert all(p.grad is None for p in gen.parameters()) and all(p.grad is not None for p in disc.parameters())
+    distill.phase2_g_step(c, m, batch, rng)
+    assert all(p.grad is None for p in ema.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.blocks[0].parameters())
+
+
+if __name__ == "__main__" and sys.argv[1] == "sp":
+    sp_worker(sys.argv[2])
