@@ -3,6 +3,8 @@
   python bench.py dit [--dim 1536 --heads 12 --layers 4 --frames 9 --size 416*240 --reps 3]
       DiT forward time and peak memory, vpae beside diffusers' WanTransformer3DModel when it is installed
       (same config, random weights, fp32 on CPU / bf16 on GPU), each in its own process, alternating.
+  python bench.py memory [--preset i2v-14B --world 8 --sp 8 --frames 81 --size 832*480]
+      distill.py's per-GPU memory estimate for a preset, from models built on the meta device.
   python bench.py load CKPT_DIR
       Peak RSS while loading an official checkpoint and touching every weight, against its size.
 """
@@ -32,6 +34,22 @@ def load(ckpt, dtype=None):
     peak = rss_peak() - before
     print(f"checkpoint {size / 2**20:.0f} MiB, load+touch {dt:.2f} s, peak RSS over baseline {peak / 2**20:.0f} MiB, "
           f"peak/size={peak / size:.3f}, dtype {dtype or 'as stored'} (checksum {touched:.3e})")
+
+
+def memory(a):
+    import types
+    from distill import Config, add_lora, memory_estimate, print_memory
+    from model import PRESETS, Discriminator, WanModel
+    cfg = Config(sp=a.sp)
+    with torch.device("meta"):
+        gen, teacher = WanModel(PRESETS[a.preset]), WanModel(PRESETS[a.preset])
+        add_lora(teacher, cfg.lora_rank)
+        disc = Discriminator(gen.cfg.dim, range(cfg.disc_taps), cfg.disc_width, cfg.disc_queries, cfg.semantic)
+    W, H = map(int, a.size.split("*"))
+    tokens = ((a.frames - 1) // 4 + 1) * (H // 16) * (W // 16)
+    print(f"{a.preset} distillation, Phase II (the larger), {a.frames} frames at {a.size} = {tokens} tokens, "
+          f"world {a.world}, sp {a.sp}, micro-batch 1, the default Config")
+    print_memory(memory_estimate(cfg, types.SimpleNamespace(gen=gen, teacher=teacher, disc=disc), a.world, tokens))
 
 
 def dit_child(a):
@@ -99,23 +117,30 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load"])
+    p.add_argument("what", choices=["dit", "load", "memory"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--size", default="416*240", help="W*H in pixels")
+    p.add_argument("--frames", type=int, default=None, help="default 9 (dit), 81 (memory)")
+    p.add_argument("--size", default=None, help="W*H in pixels; default 416*240 (dit), 832*480 (memory)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--impl", default="vpae")
+    p.add_argument("--preset", default="i2v-14B")
+    p.add_argument("--world", type=int, default=8)
+    p.add_argument("--sp", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.frames = a.frames or (81 if a.what == "memory" else 9)
+    a.size = a.size or ("832*480" if a.what == "memory" else "416*240")
     if a.what == "load":
         if not a.ckpt:
             p.error("load needs a checkpoint directory")
         load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype])
+    elif a.what == "memory":
+        memory(a)
     else:
         dit_child(a) if a.child else dit(a)

@@ -337,8 +337,7 @@ class WanModel(nn.Module):
                 keep32 = dtype is not None and (name.startswith(FP32_PREFIXES) or "modulation" in name)
                 target = torch.float32 if keep32 and tensor.is_floating_point() else dtype
                 state[name] = tensor.to(device=device, dtype=target)
-        check_state_dict(model, state, path)
-        model.load_state_dict(state, strict=True, assign=True)
+        load_strict(model, state, path)
         return model.eval().requires_grad_(False)
 
 
@@ -466,16 +465,17 @@ def read_safetensors(f):
             buf.madvise(mmap.MADV_DONTNEED, start, b - start)
 
 
-def check_state_dict(model, state, path):
-    """One error naming every missing, unexpected and wrongly shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"missing: {', '.join(missing)}" if missing else "",
-                 f"unexpected: {', '.join(unexpected)}" if unexpected else "",
-                 f"wrong shape: {'; '.join(shapes)}" if shapes else ""]
-        raise ValueError(f"{path} does not match a {model.cfg.model_type} WanModel of its config.json: "
-                         + " | ".join(p for p in parts if p))
+def load_strict(model, sd, path, prefix=""):
+    """Strict load_state_dict(assign=True), after one error naming every missing, unexpected or misshapen tensor.
+
+    Shared by the DiT, VAE and encoder loaders. prefix: what the file's keys carry before the module names.
+    """
+    want = model.state_dict()  # meta tensors: names and shapes only
+    bad = [f"missing {prefix}{k}" for k in want if k not in sd]
+    bad += [f"unexpected {prefix}{k}" for k in sd if k not in want]
+    bad += [f"{prefix}{k} is {tuple(sd[k].shape)}, expected {tuple(v.shape)}" for k, v in want.items()
+            if k in sd and sd[k].shape != v.shape]
+    if bad:
+        more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise ValueError(f"{path} does not match the official layout: {'; '.join(bad[:8])}{more}")
+    model.load_state_dict(sd, strict=True, assign=True)

@@ -11,7 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import encoders
 import model as M
+import vae
+from encoders import CLIPVision, T5Encoder, clean_text, rel_bucket
+from vae import WanVAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -235,8 +239,8 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError) as e:
         M.WanModel.from_pretrained(tmp_path / "a")
     msg = str(e.value)
-    assert "missing: blocks.1.cross_attn.k_img.weight" in msg and "unexpected: extra.weight" in msg
-    assert "blocks.0.ffn.0.bias (5,) != (96,)" in msg
+    assert "missing blocks.1.cross_attn.k_img.weight" in msg and "unexpected extra.weight" in msg
+    assert "blocks.0.ffn.0.bias is (5,), expected (96,)" in msg
 
     write_official(m, tmp_path / "b", shards=2)
     os.remove(tmp_path / "b" / "diffusion_pytorch_model-00002-of-00002.safetensors")
@@ -375,6 +379,679 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
     distill.phase2_g_step(c, m, batch, rng)
     assert all(p.grad is None for p in ema.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.blocks[0].parameters())
+
+
+# =============================================================================
+# vae.py: tiny VAE (base dim 8), references written from spec section 4
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    """A tiny_vae VAE with the official layout; gammas and biases randomised so that none of them is a no-op."""
+    torch.manual_seed(0)
+    m = WanVAE(dim=8, z_dim=16).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    return m
+
+
+def video(B=1, T=9, H=32, W=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, T, H, W, generator=g) * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# An independent whole-clip reference, written from the spec (section 4) and the state dict only.
+#
+# Which whole-clip pass does the chunked one equal? Every k=3 causal conv keeps the last 2 frames of its
+# input stream across chunks, which is exactly ordinary causal padding (2 zero frames in front) over the
+# whole stream. The exceptions are the resamples that change time:
+#  * down3d: chunk 0 skips the time conv, later chunks prepend the previous last frame and run a stride-2
+#    unpadded conv. Over the clip: frame 0 passes through unchanged, then windows (0,1,2), (2,3,4), ...
+#    A naive causal pass would instead output conv(0, 0, x0) for frame 0 (same frame count, different value),
+#    and that difference spreads to every later latent frame; `naive_down3d=True` builds it to show this.
+#  * up3d: latent frame 0 is not doubled and never enters the time conv; frames 1.. go through a causal
+#    (zero-padded) time conv of their own: out = [x0, a1, b1, a2, b2, ...].
+# With those two rules the chunked encode/decode equal this pass up to float rounding.
+
+
+MEAN, STD = (torch.tensor(v).view(1, 16, 1, 1, 1) for v in (vae.LATENT_MEAN, vae.LATENT_STD))
+
+
+def conv(sd, name, x, p=1):
+    """Causal conv over the whole clip: p spatial pad each side, 2p frames of zeros in front."""
+    return F.conv3d(F.pad(x, (p, p, p, p, 2 * p, 0)), sd[name + ".weight"], sd[name + ".bias"])
+
+
+def rms(x, gamma):
+    return x / x.pow(2).mean(1, keepdim=True).sqrt() * gamma
+
+
+def frames2d(fn, x):
+    B, C, T, H, W = x.shape
+    y = fn(x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W))
+    return y.reshape(B, T, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def ref_res(sd, n, x):
+    short = conv(sd, n + ".shortcut", x, 0) if n + ".shortcut.weight" in sd else x
+    h = conv(sd, n + ".residual.2", F.silu(rms(x, sd[n + ".residual.0.gamma"])))
+    return short + conv(sd, n + ".residual.6", F.silu(rms(h, sd[n + ".residual.3.gamma"])))
+
+
+def ref_attn(sd, n, x):
+    def attend(f):  # (N, C, H, W)
+        N, C, H, W = f.shape
+        qkv = F.conv2d(rms(f, sd[n + ".norm.gamma"]), sd[n + ".to_qkv.weight"], sd[n + ".to_qkv.bias"])
+        q, k, v = qkv.reshape(N, 3, C, H * W).unbind(1)  # (N, C, HW) each
+        a = torch.softmax(torch.einsum("nci,ncj->nij", q, k) / C ** 0.5, dim=-1)
+        o = torch.einsum("nij,ncj->nci", a, v).reshape(N, C, H, W)
+        return F.conv2d(o, sd[n + ".proj.weight"], sd[n + ".proj.bias"])
+    return x + frames2d(attend, x)
+
+
+def ref_down(sd, n, x, time, naive=False):
+    w, b = sd[n + ".resample.1.weight"], sd[n + ".resample.1.bias"]
+    x = frames2d(lambda f: F.conv2d(F.pad(f, (0, 1, 0, 1)), w, b, stride=2), x)
+    if not time:
+        return x
+    tw, tb = sd[n + ".time_conv.weight"], sd[n + ".time_conv.bias"]
+    if naive:
+        return F.conv3d(F.pad(x, (0, 0, 0, 0, 2, 0)), tw, tb, stride=(2, 1, 1))
+    return torch.cat([x[:, :, :1], F.conv3d(x, tw, tb, stride=(2, 1, 1))], 2)
+
+
+def ref_up(sd, n, x, time):
+    if time:
+        C, T = x.shape[1], x.shape[2]
+        y = F.conv3d(F.pad(x[:, :, 1:], (0, 0, 0, 0, 2, 0)), sd[n + ".time_conv.weight"], sd[n + ".time_conv.bias"])
+        frames = [x[:, :, :1]]
+        for t in range(T - 1):  # channels [0:C] -> the earlier frame of the pair, [C:2C] -> the later one
+            frames += [y[:, :C, t:t + 1], y[:, C:, t:t + 1]]
+        x = torch.cat(frames, 2)
+    w, b = sd[n + ".resample.1.weight"], sd[n + ".resample.1.bias"]
+    up = lambda f: f.repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest at exactly 2x
+    return frames2d(lambda f: F.conv2d(up(f), w, b, padding=1), x)
+
+
+def ref_encode(m, x, naive_down3d=False):
+    sd = m.state_dict()
+    x = conv(sd, "encoder.conv1", x)
+    kinds = ["res", "res", "down2d", "res", "res", "down3d", "res", "res", "down3d", "res", "res"]
+    for i, kind in enumerate(kinds):  # the layout table of spec section 4
+        n = f"encoder.downsamples.{i}"
+        x = ref_res(sd, n, x) if kind == "res" else ref_down(sd, n, x, kind == "down3d", naive_down3d)
+    x = ref_res(sd, "encoder.middle.2", ref_attn(sd, "encoder.middle.1", ref_res(sd, "encoder.middle.0", x)))
+    x = conv(sd, "encoder.head.2", F.silu(rms(x, sd["encoder.head.0.gamma"])))
+    mu = conv(sd, "conv1", x, 0)[:, :16]
+    return (mu - MEAN) / STD
+
+
+def ref_decode(m, z):
+    sd = m.state_dict()
+    z = z * STD + MEAN
+    x = conv(sd, "decoder.conv1", conv(sd, "conv2", z, 0))
+    x = ref_res(sd, "decoder.middle.2", ref_attn(sd, "decoder.middle.1", ref_res(sd, "decoder.middle.0", x)))
+    kinds = ["res"] * 3 + ["up3d"] + ["res"] * 3 + ["up3d"] + ["res"] * 3 + ["up2d"] + ["res"] * 3
+    for i, kind in enumerate(kinds):
+        n = f"decoder.upsamples.{i}"
+        x = ref_res(sd, n, x) if kind == "res" else ref_up(sd, n, x, kind == "up3d")
+    x = conv(sd, "decoder.head.2", F.silu(rms(x, sd["decoder.head.0.gamma"])))
+    return x.clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# layout, shapes, causality
+
+
+def test_official_layout():
+    with torch.device("meta"):
+        sd = WanVAE().state_dict()
+    assert len(sd) == 194 and sum(v.numel() for v in sd.values()) == 126_892_531  # spec section 4
+    expected = {
+        "encoder.conv1.weight": (96, 3, 3, 3, 3),
+        "encoder.downsamples.3.residual.0.gamma": (96, 1, 1, 1),
+        "encoder.downsamples.3.shortcut.weight": (192, 96, 1, 1, 1),
+        "encoder.downsamples.5.time_conv.weight": (192, 192, 3, 1, 1),
+        "encoder.downsamples.2.resample.1.weight": (96, 96, 3, 3),
+        "encoder.middle.1.norm.gamma": (384, 1, 1),
+        "encoder.middle.1.to_qkv.weight": (1152, 384, 1, 1),
+        "encoder.head.2.weight": (32, 384, 3, 3, 3),
+        "conv1.weight": (32, 32, 1, 1, 1),
+        "conv2.weight": (16, 16, 1, 1, 1),
+        "decoder.conv1.weight": (384, 16, 3, 3, 3),
+        "decoder.upsamples.3.time_conv.weight": (768, 384, 3, 1, 1),
+        "decoder.upsamples.3.resample.1.weight": (192, 384, 3, 3),
+        "decoder.upsamples.4.shortcut.weight": (384, 192, 1, 1, 1),
+        "decoder.upsamples.11.resample.1.weight": (96, 192, 3, 3),
+        "decoder.head.2.weight": (3, 96, 3, 3, 3),
+    }
+    assert {k: tuple(sd[k].shape) for k in expected} == expected
+
+
+@pytest.mark.parametrize("T", [1, 5, 9])
+def test_shapes_batched(tiny_vae, T):
+    x = video(B=2, T=T, H=16, W=32)
+    with torch.no_grad():
+        z = tiny_vae.encode(x)
+        y = tiny_vae.decode(z)
+        assert z.shape == (2, 16, 1 + (T - 1) // 4, 2, 4) and z.dtype == torch.float32
+        assert y.shape == x.shape and y.abs().max() <= 1
+        # batching is exact per sample
+        torch.testing.assert_close(tiny_vae.encode(x[1:]), z[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise(tiny_vae):
+    with pytest.raises(ValueError, match="4n\\+1 frames"):
+        tiny_vae.encode(video(T=4))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        tiny_vae.encode(video(T=5, H=12))
+    with pytest.raises(ValueError, match="B, 3, T, H, W"):
+        tiny_vae.encode(torch.zeros(3, 5, 16, 16))
+    with pytest.raises(ValueError, match="B, 16, T, h, w"):
+        tiny_vae.decode(torch.zeros(1, 4, 2, 2, 2))
+
+
+def test_encode_causal(tiny_vae):
+    x = video(T=9)
+    x2 = x.clone()
+    x2[:, :, 5:] = video(T=4, seed=2)
+    with torch.no_grad():
+        z, z2 = tiny_vae.encode(x), tiny_vae.encode(x2)
+    assert torch.equal(z[:, :, :2], z2[:, :, :2])
+    assert not torch.allclose(z[:, :, 2], z2[:, :, 2])
+
+
+def test_decode_causal(tiny_vae):
+    torch.manual_seed(3)
+    z = torch.randn(1, 16, 3, 4, 4)
+    z2 = z.clone()
+    z2[:, :, 2] = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        y, y2 = tiny_vae.decode(z), tiny_vae.decode(z2)
+    assert torch.equal(y[:, :, :5], y2[:, :, :5])
+    assert not torch.allclose(y[:, :, 5:], y2[:, :, 5:])
+
+
+def test_prefix_equivalence(tiny_vae):
+    # Per-chunk causality: a clip's first k chunks give exactly what the shorter clip gives.
+    x = video(T=9)
+    with torch.no_grad():
+        z = tiny_vae.encode(x)
+        assert torch.equal(tiny_vae.encode(x[:, :, :5]), z[:, :, :2])
+        assert torch.equal(tiny_vae.decode(z[:, :, :2]), tiny_vae.decode(z)[:, :, :5])
+
+
+# -----------------------------------------------------------------------------
+# chunked == whole-clip reference
+
+
+def test_chunked_encode_matches_whole_clip(tiny_vae):
+    x = video(B=2, T=13, H=16, W=16)
+    with torch.no_grad():
+        z, ref = tiny_vae.encode(x), ref_encode(tiny_vae, x)
+        naive = ref_encode(tiny_vae, x, naive_down3d=True)
+    torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-4)
+    # the naive pass (time conv on frame 0 too) is a different function, from latent frame 0 on
+    assert all((z[:, :, t] - naive[:, :, t]).abs().max() > 1e-3 for t in range(z.shape[2]))
+
+
+def test_chunked_decode_matches_whole_clip(tiny_vae):
+    torch.manual_seed(4)
+    z = torch.randn(2, 16, 4, 2, 2)
+    with torch.no_grad():
+        y, ref = tiny_vae.decode(z), ref_decode(tiny_vae, z)
+    assert 0.01 < (y.abs() < 1).float().mean()  # not all clamped, so the comparison means something
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# op-by-op re-derivations from the spec
+
+
+def test_rms_norm_from_spec():
+    torch.manual_seed(5)
+    n = vae.RMS_norm(6)
+    with torch.no_grad():
+        n.gamma.uniform_(0.5, 1.5)
+        x = torch.randn(2, 6, 3, 4, 5)
+        # y = x / sqrt(mean over channels of x^2) * gamma
+        expect = x / (x ** 2).sum(1, keepdim=True).div(6).sqrt() * n.gamma.view(1, 6, 1, 1, 1)
+        torch.testing.assert_close(n(x), expect)
+
+
+def test_upsample3d_time_conv_from_spec():
+    """Chunk 0 is not doubled; chunk 1's time conv sees [0, 0, x1]; chunk 2's sees [0, x1, x2]; frame pair
+    of latent frame t = (channels [0:C], channels [C:2C]) of the time conv output."""
+    torch.manual_seed(6)
+    C = 4
+    r = vae.Resample(C, "up3d")
+    xs = [torch.randn(1, C, 1, 3, 3) for _ in range(4)]
+    cache = {}
+    with torch.no_grad():
+        got = [r(x, cache) for x in xs]
+        w, b = r.time_conv.weight[:, :, :, 0, 0], r.time_conv.bias  # (2C, C, 3)
+        cw, cb = r.resample[1].weight, r.resample[1].bias
+        spatial = lambda f: F.conv2d(f.repeat_interleave(2, -1).repeat_interleave(2, -2), cw, cb, padding=1)
+        assert got[0].shape == (1, C // 2, 1, 6, 6)
+        torch.testing.assert_close(got[0][:, :, 0], spatial(xs[0][:, :, 0]))
+        stream = [torch.zeros_like(xs[0][:, :, 0])] * 2 + [x[:, :, 0] for x in xs[1:]]  # x0 is not in it
+        for t in range(1, 4):
+            window = stream[t - 1:t + 2]  # 3 frames ending at x_t
+            y = sum(torch.einsum("oc,bchw->bohw", w[:, :, k], window[k]) for k in range(3)) + b.view(1, -1, 1, 1)
+            assert got[t].shape == (1, C // 2, 2, 6, 6)
+            torch.testing.assert_close(got[t][:, :, 0], spatial(y[:, :C]))  # earlier frame
+            torch.testing.assert_close(got[t][:, :, 1], spatial(y[:, C:]))  # later frame
+
+
+def test_downsample3d_from_spec():
+    """Chunk 0 (1 frame) skips the time conv; chunk k>0 convolves [last previous frame, 4 new] with stride 2."""
+    torch.manual_seed(7)
+    C = 4
+    r = vae.Resample(C, "down3d")
+    x = torch.randn(1, C, 9, 6, 6)
+    cache = {}
+    with torch.no_grad():
+        got = torch.cat([r(x[:, :, :1], cache), r(x[:, :, 1:5], cache), r(x[:, :, 5:9], cache)], 2)
+        s = frames2d(lambda f: r.resample[1](F.pad(f, (0, 1, 0, 1))), x)  # (1, C, 9, 3, 3)
+        w, b = r.time_conv.weight[:, :, :, 0, 0], r.time_conv.bias
+        tc = lambda t: sum(torch.einsum("oc,bchw->bohw", w[:, :, k], s[:, :, t + k]) for k in range(3)) + b.view(1, -1, 1, 1)
+        expect = torch.stack([s[:, :, 0], tc(0), tc(2), tc(4), tc(6)], 2)
+    torch.testing.assert_close(got, expect)
+
+
+# -----------------------------------------------------------------------------
+# tiling
+
+
+def test_tiled_decode_whole_tile_is_exact(tiny_vae):
+    torch.manual_seed(8)
+    z = torch.randn(1, 16, 2, 4, 6)
+    with torch.no_grad():
+        assert torch.equal(tiny_vae.decode(z, tile=6, overlap=2), tiny_vae.decode(z))
+
+
+def test_tile_blending_is_exact_for_a_pointwise_decoder(tiny_vae, monkeypatch):
+    # With a decoder whose output pixel depends only on its own latent pixel, every tile agrees with the
+    # whole-frame decode, so only the blending (weights summing to 1, full coverage) is under test.
+    fake = lambda x, progress=None: x[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2) * 0.1
+    monkeypatch.setattr(tiny_vae, "decode_frames", fake)
+    torch.manual_seed(9)
+    z = torch.randn(2, 16, 1, 11, 13)
+    seen = []
+    def progress(it):
+        seen.append(len(it))
+        return it
+    with torch.no_grad():
+        full = tiny_vae.decode(z)
+        for tile, overlap in [(4, 1), (5, 2), (6, 0), (3, 2)]:
+            torch.testing.assert_close(tiny_vae.decode(z, tile=tile, overlap=overlap, progress=progress), full)
+    assert seen[0] == 4 * 4  # tile 4 / overlap 1 over 11 x 13 latent pixels: origins (0, 3, 6, 7) x (0, 3, 6, 9)
+
+
+def test_tiled_decode_close_to_whole(tiny_vae):
+    # Seams lose conv context and the middle attention sees one tile only, so tiled != whole exactly. With
+    # random tiny_vae weights the receptive field spans the whole test frame, so the bound is loose: the error
+    # must be well below the gap between unrelated decodes, and shrink as tiles grow.
+    torch.manual_seed(10)
+    z, other = torch.randn(2, 1, 16, 2, 16, 16).unbind(0)
+    with torch.no_grad():
+        full = tiny_vae.decode(z)
+        unrelated = (full - tiny_vae.decode(other)).abs().mean()
+        errs = [(tiny_vae.decode(z, tile=t, overlap=4) - full).abs().mean() for t in (8, 12)]
+    assert errs[0] < 0.5 * unrelated and errs[1] < 0.7 * errs[0]
+
+
+def test_bad_tile_raises(tiny_vae):
+    with pytest.raises(ValueError, match="tile must be larger than overlap"):
+        tiny_vae.decode(torch.zeros(1, 16, 1, 4, 4), tile=4, overlap=4)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def test_from_pretrained_round_trip(tiny_vae, tmp_path):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(tiny_vae.state_dict(), path)
+    m = WanVAE.from_pretrained(str(path))
+    assert not any(p.is_meta for p in m.parameters()) and not m.training
+    assert m.encoder.conv1.weight.shape[0] == 8 and m.z_dim == 16
+    x = video(T=5, H=16, W=16)
+    with torch.no_grad():
+        assert torch.equal(m.encode(x), tiny_vae.encode(x))
+        assert torch.equal(m.decode(tiny_vae.encode(x)), tiny_vae.decode(tiny_vae.encode(x)))
+    m16 = WanVAE.from_pretrained(str(path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+
+
+def test_from_pretrained_errors(tiny_vae, tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth") as e:
+        WanVAE.from_pretrained(str(missing))
+    assert str(missing) in str(e.value)
+
+    sd = dict(tiny_vae.state_dict())
+    del sd["decoder.upsamples.3.time_conv.weight"]
+    sd["encoder.extra"] = torch.zeros(1)
+    sd["decoder.head.0.gamma"] = torch.ones(5, 1, 1, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as e:
+        WanVAE.from_pretrained(str(path))
+    msg = str(e.value)
+    for needle in (str(path), "decoder.upsamples.3.time_conv.weight", "encoder.extra", "decoder.head.0.gamma"):
+        assert needle in msg
+
+
+# =============================================================================
+# encoders.py: tiny official-layout umT5 and CLIP files, references re-derived from spec sections 5 and 6
+
+
+T5 = dict(vocab=300, dim=32, heads=4, dim_attn=32, ffn=64, layers=2, buckets=32)
+CLIP = dict(dim=160, patch=14, grid=2, layers=3, mlp=320)  # head_dim 80 -> 2 heads; 28x28 image -> 1 + 4 tokens
+WORDS = [f"w{i}" for i in range(T5["vocab"] - 3)]
+
+
+# -----------------------------------------------------------------------------
+# tiny official-layout files
+
+
+def t5_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=0.2: torch.randn(*s, generator=g) * std
+    d, a, f, b, h = T5["dim"], T5["dim_attn"], T5["ffn"], T5["buckets"], T5["heads"]
+    sd = {"token_embedding.weight": r(T5["vocab"], d, std=1.0), "norm.weight": 1 + r(d, std=0.1)}
+    for i in range(T5["layers"]):
+        p = f"blocks.{i}."
+        sd.update({p + "norm1.weight": 1 + r(d, std=0.1), p + "norm2.weight": 1 + r(d, std=0.1),
+                   p + "ffn.gate.0.weight": r(f, d), p + "ffn.fc1.weight": r(f, d), p + "ffn.fc2.weight": r(d, f),
+                   p + "pos_embedding.embedding.weight": r(b, h, std=1.0)})
+        sd.update({p + f"attn.{n}.weight": r(a, d) for n in "qkvo"})
+    return sd
+
+
+def write_tokenizer(folder, post=True):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    if post:  # as the real umt5 tokenizer.json: TemplateProcessing "$A </s>"
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture
+def t5_files(tmp_path):
+    pth = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
+    torch.save(t5_state(), pth)
+    return pth, write_tokenizer(tmp_path / "google" / "umt5-xxl")
+
+
+@pytest.fixture
+def t5(t5_files):
+    return T5Encoder.from_pretrained(*t5_files, dtype=torch.float32)
+
+
+def clip_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=0.05: torch.randn(*s, generator=g) * std
+    d, m = CLIP["dim"], CLIP["mlp"]
+    sd = {"visual.patch_embedding.weight": r(d, 3, CLIP["patch"], CLIP["patch"]), "visual.cls_embedding": r(1, 1, d, std=1),
+          "visual.pos_embedding": r(1, 1 + CLIP["grid"] ** 2, d, std=1),
+          "visual.pre_norm.weight": 1 + r(d), "visual.pre_norm.bias": r(d)}
+    for i in range(CLIP["layers"]):
+        p = f"visual.transformer.{i}."
+        for n in ("norm1", "norm2"):
+            sd.update({p + n + ".weight": 1 + r(d), p + n + ".bias": r(d)})
+        sd.update({p + "attn.to_qkv.weight": r(3 * d, d), p + "attn.to_qkv.bias": r(3 * d),
+                   p + "attn.proj.weight": r(d, d), p + "attn.proj.bias": r(d),
+                   p + "mlp.0.weight": r(m, d), p + "mlp.0.bias": r(m), p + "mlp.2.weight": r(d, m), p + "mlp.2.bias": r(d)})
+    # present in the official file, not needed by Wan: must be ignored
+    sd.update({"visual.post_norm.weight": r(d), "visual.post_norm.bias": r(d), "visual.head": r(d, 64),
+               "log_scale": torch.tensor(2.6), "textual.token_embedding.weight": r(50, 48),
+               "textual.blocks.0.attn.q.weight": r(48, 48), "textual.head.0.weight": r(56, 48)})
+    return sd
+
+
+@pytest.fixture
+def clip_pth(tmp_path):
+    pth = tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+    torch.save(clip_state(), pth)
+    return pth
+
+
+# -----------------------------------------------------------------------------
+# T5: references written from spec section 5
+
+
+def ref_bucket(rel):
+    """Hand-derived: exact below 8; then bucket 8 + k starts at ceil(8 * 16^(k/8)) = 12, 16, 23, 32, 46, 64, 91."""
+    r = abs(rel)
+    b = r if r < 8 else 8 + sum(r >= t for t in (12, 16, 23, 32, 46, 64, 91))
+    return b + (16 if rel > 0 else 0)
+
+
+def test_rel_bucket_table():
+    hand = {0: 0, 1: 17, -1: 1, 7: 23, -7: 7, 8: 24, -8: 8, 11: 24, 12: 25, 15: 25, 16: 26, -16: 10, 22: 26, 23: 27,
+            31: 27, 32: 28, -32: 12, 45: 28, 46: 29, 63: 29, 64: 30, -64: 14, 90: 30, 91: 31, 127: 31, -127: 15,
+            128: 31, -128: 15, 200: 31, -200: 15}
+    rel = torch.arange(-200, 201)
+    got = rel_bucket(rel).tolist()
+    assert got == [ref_bucket(x) for x in range(-200, 201)]
+    assert {k: got[k + 200] for k in hand} == hand
+
+
+def ref_rms(x, w):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def ref_t5_block(sd, i, x, mask):
+    p, (B, L, _), H = f"blocks.{i}.", x.shape, T5["heads"]
+    W = lambda n: sd[p + n + ".weight"]
+    h = ref_rms(x, W("norm1"))
+    q, k, v = (torch.einsum("bld,ed->ble", h, W(f"attn.{n}")).reshape(B, L, H, -1) for n in "qkv")
+    table = W("pos_embedding.embedding")
+    bias = torch.tensor([[[table[ref_bucket(j - i_), hh] for j in range(L)] for i_ in range(L)] for hh in range(H)])
+    logits = torch.einsum("bihc,bjhc->bhij", q, k) + bias  # no 1/sqrt(d)
+    logits = logits.masked_fill(mask[:, None, None, :] == 0, torch.finfo(x.dtype).min)
+    e = torch.exp(logits - logits.amax(-1, keepdim=True))
+    o = torch.einsum("bhij,bjhc->bihc", e / e.sum(-1, keepdim=True), v).reshape(B, L, -1)
+    x = x + o @ W("attn.o").T
+    h = ref_rms(x, W("norm2"))
+    return x + ref_ffn(sd, i, h)
+
+
+def ref_ffn(sd, i, h):
+    W = lambda n: sd[f"blocks.{i}.ffn.{n}.weight"]
+    g = h @ W("gate.0").T
+    return (h @ W("fc1").T * F.gelu(g, approximate="tanh")) @ W("fc2").T
+
+
+def test_t5_layer_and_forward_match_spec(t5):
+    sd = t5_state()
+    torch.manual_seed(0)
+    ids = torch.randint(3, T5["vocab"], (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    x = sd["token_embedding.weight"][ids]
+    ref = ref_t5_block(sd, 0, x, mask)
+    L = ids.shape[1]
+    pos = torch.arange(L)
+    got = t5.blocks[0](x, rel_bucket(pos[None] - pos[:, None]), (mask != 0).view(2, 1, 1, L))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    h = torch.randn(2, 5, T5["dim"])
+    torch.testing.assert_close(t5.blocks[1].ffn(h), ref_ffn(sd, 1, h), atol=1e-5, rtol=1e-5)
+    for i in range(T5["layers"]):
+        x = ref_t5_block(sd, i, x, mask)
+    torch.testing.assert_close(t5(ids, mask), ref_rms(x, sd["norm.weight"]), atol=1e-5, rtol=1e-5)
+
+
+def test_t5_padding_is_masked(t5):
+    torch.manual_seed(1)
+    ids = torch.randint(3, T5["vocab"], (1, 6))
+    alone = t5(ids, torch.ones_like(ids))  # no padding at all
+    padded = torch.cat([ids, torch.randint(0, T5["vocab"], (1, 10))], 1)  # junk in the padding
+    mask = torch.tensor([[1] * 6 + [0] * 10])
+    torch.testing.assert_close(t5(padded, mask)[:, :6], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_clean_text():
+    assert clean_text("  w1 &amp;amp; \t\n w2  ") == "w1 & w2"
+    assert clean_text("w1&lt;w2\u3000 w3") == "w1<w2 w3"
+
+
+def test_tokenize_eos_truncation_and_post_processor(t5, t5_files, tmp_path):
+    ids, mask = t5.tokenize(["w5 w6 w7", "", " ".join(WORDS[:10] * 60)])
+    assert ids.shape == mask.shape == (3, 512)
+    assert ids[0, :4].tolist() == [8, 9, 10, 1] and mask[0].sum() == 4 and ids[0, 4:].eq(0).all()
+    assert ids[1, :1].tolist() == [1] and mask[1].sum() == 1
+    assert mask[2].all() and ids[2, -1] == 1 and ids[2, -2] == WORDS.index(WORDS[:10][510 % 10]) + 3
+    # a tokenizer.json without the "$A </s>" post-processor gives the same ids (EOS neither missing nor doubled)
+    other = T5Encoder.from_pretrained(t5_files[0], write_tokenizer(tmp_path / "nopost", post=False), dtype=torch.float32)
+    for a, b in zip(t5.tokenize(["w5 w6 w7", "w1"]), other.tokenize(["w5 w6 w7", "w1"])):
+        assert torch.equal(a, b)
+
+
+def test_encode_lengths_and_batch_equals_single(t5):
+    prompts = ["w1 w2 w3", "w4", " w5   w6\tw7 w8 w9 w10 w11 "]
+    out = t5.encode(prompts)
+    assert [o.shape for o in out] == [(4, 32), (2, 32), (8, 32)]  # real tokens + EOS
+    for p, o in zip(prompts, out):
+        torch.testing.assert_close(t5.encode([p])[0], o, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_bf16_default(t5, t5_files):
+    m = T5Encoder.from_pretrained(*t5_files)
+    assert m.token_embedding.weight.dtype == torch.bfloat16
+    o = m.encode("w1 w2 w3 w4")[0]  # a single string is one prompt
+    assert o.dtype == torch.bfloat16 and o.shape == (5, 32)
+    torch.testing.assert_close(o.float(), t5.encode(["w1 w2 w3 w4"])[0], atol=0.15, rtol=0.05)
+
+
+def test_t5_errors(t5_files, tmp_path):
+    pth, tok = t5_files
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        T5Encoder.from_pretrained(tmp_path / "nope.pth", tok)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        T5Encoder.from_pretrained(pth, tmp_path)
+    sd = t5_state()
+    del sd["blocks.1.ffn.fc2.weight"]
+    sd["blocks.0.norm2.weight"] = torch.ones(31)
+    sd["blocks.0.extra.weight"] = torch.ones(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as e:
+        T5Encoder.from_pretrained(tmp_path / "bad.pth", tok)
+    msg = str(e.value)
+    assert "missing blocks.1.ffn.fc2.weight" in msg and "blocks.0.norm2.weight is (31,), expected (32,)" in msg
+    assert "unexpected blocks.0.extra.weight" in msg and "\n" not in msg
+    del sd["token_embedding.weight"]
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="token_embedding.weight"):
+        T5Encoder.from_pretrained(tmp_path / "bad.pth", tok)
+
+
+# -----------------------------------------------------------------------------
+# CLIP: references written from spec section 6 and section 3 step 7
+
+
+def ref_ln(x, w, b):
+    mu = x.mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + 1e-5) * w + b
+
+
+def ref_clip_block(sd, i, x):
+    p, (B, L, D) = f"visual.transformer.{i}.", x.shape
+    H = D // 80
+    lin = lambda n, h: h @ sd[p + n + ".weight"].T + sd[p + n + ".bias"]
+    qkv = lin("attn.to_qkv", ref_ln(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"])).reshape(B, L, 3, H, 80)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, H, 80) each
+    a = torch.softmax(torch.einsum("bihc,bjhc->bhij", q, k) / math.sqrt(80), -1)
+    x = x + lin("attn.proj", torch.einsum("bhij,bjhc->bihc", a, v).reshape(B, L, D))
+    h = lin("mlp.0", ref_ln(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"]))
+    return x + lin("mlp.2", 0.5 * h * (1 + torch.erf(h / math.sqrt(2))))  # exact GELU
+
+
+def ref_clip(sd, pixels):
+    B, P, g = len(pixels), CLIP["patch"], CLIP["grid"]
+    patches = pixels.reshape(B, 3, g, P, g, P).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)  # raster order
+    x = patches @ sd["visual.patch_embedding.weight"].reshape(CLIP["dim"], -1).T
+    x = torch.cat([sd["visual.cls_embedding"].expand(B, -1, -1), x], 1) + sd["visual.pos_embedding"]
+    x = ref_ln(x, sd["visual.pre_norm.weight"], sd["visual.pre_norm.bias"])
+    for i in range(CLIP["layers"] - 1):  # all but the last block
+        x = ref_clip_block(sd, i, x)
+    return x
+
+
+def ref_preprocess(img):
+    x = F.interpolate(img, size=(28, 28), mode="bicubic", align_corners=False) * 0.5 + 0.5
+    return (x - torch.tensor(encoders.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(encoders.CLIP_STD).view(1, 3, 1, 1)
+
+
+def test_clip_matches_spec(clip_pth):
+    m = CLIPVision.from_pretrained(clip_pth)
+    assert m.image_size == 28 and len(m.transformer) == CLIP["layers"] - 1 and m.transformer[0].attn.heads == 2
+    sd = clip_state()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, CLIP["dim"])
+    torch.testing.assert_close(m.transformer[1](x), ref_clip_block(sd, 1, x), atol=1e-5, rtol=1e-5)
+    pixels = torch.randn(2, 3, 28, 28)
+    out = m(pixels)
+    assert out.shape == (2, 5, CLIP["dim"])
+    torch.testing.assert_close(out, ref_clip(sd, pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_preprocessing(clip_pth):
+    m = CLIPVision.from_pretrained(clip_pth)
+    torch.manual_seed(0)
+    img = torch.rand(1, 3, 40, 70) * 2 - 1  # not square: squashed, not cropped
+    torch.testing.assert_close(m.encode_image(img), m(ref_preprocess(img)), atol=1e-5, rtol=1e-5)
+    same = torch.rand(2, 3, 28, 28) * 2 - 1  # at the native size bicubic is the identity: only the normalisation
+    mean, std = torch.tensor(encoders.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(encoders.CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(m.encode_image(same), m(((same + 1) / 2 - mean) / std), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        m.encode_image(torch.zeros(3, 28, 28))
+
+
+def test_clip_fp16(clip_pth):
+    m16, m32 = CLIPVision.from_pretrained(clip_pth, dtype=torch.float16), CLIPVision.from_pretrained(clip_pth)
+    img = torch.rand(1, 3, 30, 33) * 2 - 1
+    out = m16.encode_image(img)
+    assert out.dtype == torch.float16 and m16.pre_norm.weight.dtype == torch.float16
+    torch.testing.assert_close(out.float(), m32.encode_image(img), atol=0.02, rtol=0.01)
+
+
+def test_clip_errors(clip_pth, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        CLIPVision.from_pretrained(tmp_path / "nope.pth")
+    sd = clip_state()
+    del sd["visual.transformer.1.mlp.2.bias"]
+    sd["visual.pre_norm.weight"] = torch.ones(7)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as e:
+        CLIPVision.from_pretrained(tmp_path / "bad.pth")
+    msg = str(e.value)
+    assert "missing visual.transformer.1.mlp.2.bias" in msg and "visual.pre_norm.weight is (7,), expected (160,)" in msg
+    assert "textual" not in msg and "post_norm" not in msg
+
+
+def test_official_sizes_on_meta():
+    with torch.device("meta"):
+        t5 = T5Encoder(256384, 4096, 4096, 10240, 64, 24, 32)
+        clip = CLIPVision(1280, 14, 16, 31, 5120)
+        out = clip(torch.empty(1, 3, 224, 224))
+    sd = t5.state_dict()
+    assert len(sd) == 242 and sum(v.numel() for v in sd.values()) == 5_680_910_336  # spec section 5
+    assert sd["blocks.23.pos_embedding.embedding.weight"].shape == (32, 64)
+    assert clip.image_size == 224 and clip.transformer[30].attn.heads == 16 and out.shape == (1, 257, 1280)
+    assert clip.state_dict()["transformer.0.attn.to_qkv.weight"].shape == (3840, 1280)
 
 
 if __name__ == "__main__" and sys.argv[1] == "sp":
