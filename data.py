@@ -1,5 +1,385 @@
-"""Training data (not written yet: the distillation issue).
+"""Training data for distill.py: captioned videos -> precomputed latents and conditions in safetensors shards,
+plus a synthetic moving-shapes source for the tests and the demo.
 
-It will turn folders of captioned videos into precomputed VAE latents, I2V conditions, CLIP features and
-umT5 contexts in safetensors shards, and provide a synthetic moving-shapes source for tests and the demo.
+  python data.py --synthetic 64 --out shapes/                                   # mp4s + captions.jsonl
+  python data.py --ckpt_dir Wan2.1-I2V-14B-480P --videos shapes/ --out latents/  # shards + manifest.json
+
+A video folder holds .mp4/.webm/.gif files and their captions: captions.jsonl lines {"file", "caption"}, or a
+.txt beside each video. Clips are sampled at 16 fps, scaled to cover --size and centre-cropped. A precomputed
+folder holds manifest.json, neg_context.safetensors and shard_*.safetensors with, per clip, `{id}.latent`
+[16, T, h, w], `{id}.context` [L, 4096] and, for i2v, `{id}.y` [20, T, h, w] and `{id}.clip` [257, 1280].
 """
+import argparse
+import json
+import os
+import time
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import sample
+from model import load_config
+
+VIDEO_EXTS = (".mp4", ".webm", ".gif")
+SHARD_CLIPS = 64  # clips per safetensors shard
+
+# -----------------------------------------------------------------------------
+# synthetic clips: one coloured shape moving at constant speed on a plain background
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 205, 40),
+           "purple": (150, 60, 200), "white": (240, 240, 240)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downwards
+
+
+def caption(shape, colour, direction):
+    return f"a {colour} {shape} moving {direction}"
+
+
+def synthetic_clip(shape, colour, direction, frames, h, w, rng):
+    """uint8 [F, H, W, 3]: the shape (half size 0.15 min(H, W)) crosses half the room it has along `direction`
+    at constant speed, from a random start (rng: a numpy Generator) that keeps it inside the frame."""
+    r, (dx, dy) = 0.15 * min(h, w), DIRECTIONS[direction]
+    centre = []
+    for d, extent in ((dx, w), (dy, h)):
+        lo, hi = r, extent - r
+        if d == 0:
+            centre.append(np.full(frames, rng.uniform(lo, hi)))
+        else:
+            travel = (hi - lo) / 2
+            start = rng.uniform(lo, hi - travel) if d > 0 else rng.uniform(lo + travel, hi)
+            centre.append(start + d * travel * np.arange(frames) / max(frames - 1, 1))
+    cx, cy = (c[:, None, None] for c in centre)  # (F, 1, 1) each
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
+    if shape == "circle":
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    elif shape == "square":
+        inside = np.maximum(abs(xx - cx), abs(yy - cy)) <= 0.85 * r
+    else:  # apex up, base 2r wide
+        inside = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - cy + r) / 2)
+    bg = np.full(3, rng.integers(10, 70), dtype=np.uint8)  # a dark grey
+    return np.where(inside[..., None], np.array(COLOURS[colour], dtype=np.uint8), bg)  # (F, H, W, 3)
+
+
+def write_synthetic(n, out, frames=17, size="64*64", seed=0, overwrite=False):
+    """n random clips as mp4s plus captions.jsonl in `out`, the video-folder format precompute reads."""
+    w, h = sample.parse_size(size)
+    sample.check_video(frames, w, h, f"--size {size}")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"{out} is not empty: choose another --out or pass --overwrite")
+    os.makedirs(out, exist_ok=True)
+    rng, lines = np.random.default_rng(seed), []
+    for i in range(n):
+        s, c, d = (names[rng.integers(len(names))] for names in (SHAPES, list(COLOURS), list(DIRECTIONS)))
+        name = f"clip_{i:05d}.mp4"
+        sample.save_mp4(synthetic_clip(s, c, d, frames, h, w, rng), os.path.join(out, name))
+        lines.append(json.dumps({"file": name, "caption": caption(s, c, d)}))
+    write_text("\n".join(lines) + "\n", os.path.join(out, "captions.jsonl"))
+    print(f"wrote {n} clips ({frames} frames, {w}x{h}) and captions.jsonl to {out}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# reading a video folder
+
+
+class Skip(Exception):
+    """A clip that cannot be used: args = (reason, detail); reason is a key of the manifest's "skipped"."""
+
+
+def list_clips(videos):
+    """[(file relative to videos, caption)] from captions.jsonl, else from the .txt beside each video; and the
+    videos that have no caption."""
+    jl = os.path.join(videos, "captions.jsonl")
+    if os.path.isfile(jl):
+        clips = []
+        with open(jl, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    d = json.loads(line) if line.strip() else None
+                    clips += [(d["file"], str(d["caption"]))] if d is not None else []
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f'{jl} line {n} is not a JSON object with "file" and "caption": fix it') from None
+        return clips, []
+    files = sorted(os.path.relpath(os.path.join(d, f), videos) for d, _, fs in os.walk(videos)
+                   for f in fs if f.lower().endswith(VIDEO_EXTS))
+    clips, uncaptioned = [], []
+    for f in files:
+        txt = os.path.join(videos, os.path.splitext(f)[0] + ".txt")
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8") as fh:
+                clips.append((f, fh.read().strip()))
+        else:
+            uncaptioned.append(f)
+    return clips, uncaptioned
+
+
+def read_frames(path, frames):
+    """The first `frames` frames resampled to 16 fps, uint8 [F, H, W, 3]: output frame k is source frame
+    floor(k * fps / 16), with fps from the reader's metadata (GIFs: 1000 / frame duration in ms)."""
+    if not os.path.isfile(path):
+        raise Skip("missing", "no such file")
+    reader = None
+    try:  # anything a broken file raises (OSError, RuntimeError, ...) skips the clip: one bad file must not stop a run
+        reader = imageio.get_reader(path)
+        meta = reader.get_meta_data()
+        fps = meta.get("fps") or (1000 / meta["duration"] if meta.get("duration") else sample.FPS)
+        want = [int(k * fps / sample.FPS + 1e-6) for k in range(frames)]
+        need, got, n = set(want), {}, 0
+        for n, frame in enumerate(reader, 1):
+            if n - 1 in need:
+                got[n - 1] = frame
+            if n > want[-1]:
+                break
+        if want[-1] not in got:
+            raise Skip("too_short", f"{n} frames at {fps:g} fps; {frames} frames at 16 fps need {want[-1] + 1}")
+        return np.stack([rgb(got[i]) for i in want])
+    except Skip:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise Skip("unreadable", (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def rgb(a):
+    """A frame as (H, W, 3): grey is repeated, alpha dropped."""
+    a = np.asarray(a)
+    return np.repeat(a[..., None], 3, -1) if a.ndim == 2 else np.broadcast_to(a[..., :3], (*a.shape[:2], 3))
+
+
+def resize_crop(frames, w, h):
+    """uint8 [F, H0, W0, 3] -> [3, F, h, w] fp32 in [-1, 1]: scaled (antialiased) to cover w x h, centre crop."""
+    H0, W0 = frames.shape[1:3]
+    s = max(h / H0, w / W0)
+    rh, rw = max(h, round(H0 * s)), max(w, round(W0 * s))
+    x = torch.cat([F.interpolate(torch.from_numpy(frames[i:i + 8]).permute(0, 3, 1, 2).float(), size=(rh, rw),
+                                 mode="bilinear", antialias=True, align_corners=False)
+                   for i in range(0, len(frames), 8)])  # (F, 3, rh, rw), 8 frames at a time to bound memory
+    top, left = (rh - h) // 2, (rw - w) // 2
+    x = x[:, :, top:top + h, left:left + w] / 127.5 - 1
+    return x.clamp(-1, 1).permute(1, 0, 2, 3).contiguous()  # (3, F, h, w)
+
+
+# -----------------------------------------------------------------------------
+# precompute
+
+
+def atomic(path, write):
+    """write(tmp) then rename over path: a crash never leaves a half-written file under the real name."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_text(text, path):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    atomic(path, write)
+
+
+def write_json(obj, path):
+    write_text(json.dumps(obj, ensure_ascii=False, indent=1), path)
+
+
+def is_precomputed(path):
+    return os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+@torch.no_grad()
+def precompute(ckpt_dir, videos, out, frames=81, size="832*480", device="cpu", dtype=None):
+    """Encode every captioned clip of `videos` into shards under `out` and return out. Resumable: clips already
+    in out/manifest.json are not redone. dtype overrides the T5/CLIP dtype (default: official on a GPU, fp32 on a
+    CPU); the VAE always runs in fp32."""
+    w, h = sample.parse_size(size)
+    sample.check_video(frames, w, h, f"size {size}")
+    if not os.path.isdir(videos):
+        raise FileNotFoundError(f"video folder {videos} not found: pass a folder of captioned videos")
+    model_type = load_config(ckpt_dir).model_type
+    if model_type not in ("t2v", "i2v"):
+        raise ValueError(f"{ckpt_dir} is a {model_type} checkpoint: precompute supports t2v and i2v")
+    clips, uncaptioned = list_clips(videos)
+    man_path = os.path.join(out, "manifest.json")
+    head = {"model_type": model_type, "frames": frames, "size": f"{w}*{h}"}
+    if is_precomputed(out):
+        with open(man_path, encoding="utf-8") as fh:
+            man = json.load(fh)
+        if {k: man.get(k) for k in head} != head:
+            raise ValueError(f"{out} holds {man.get('model_type')} clips of {man.get('frames')} frames at "
+                             f"{man.get('size')}, not {model_type} {frames} at {w}*{h}: precompute into another --out")
+    elif os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"{out} is not empty and has no manifest.json: precompute into an empty or new --out")
+    else:
+        os.makedirs(out, exist_ok=True)
+        man = {**head, "clips": [], "skipped": {}}
+        write_json(man, man_path)
+    skipped = man["skipped"]
+    done = {c["file"] for c in man["clips"]} | {f for fs in skipped.values() for f in fs}
+    if any(f not in done for f in uncaptioned):
+        skipped.setdefault("no_caption", []).extend(f for f in uncaptioned if f not in done)
+    todo = [(f, cap) for f, cap in clips if f not in done]
+    print(f"{len(todo)} clips to encode ({len(man['clips'])} already in {out})")
+
+    neg_path = os.path.join(out, "neg_context.safetensors")
+    if todo or not os.path.isfile(neg_path):
+        dt = sample.dtypes(device)
+        if dtype is not None:
+            dt.update(t5=dtype, clip=dtype)
+        t5, vae, clip = sample.load_encoders(ckpt_dir, model_type, device, dt)
+        if not os.path.isfile(neg_path):
+            neg = (sample.I2V_NEG_PREFIX if model_type == "i2v" else "") + sample.NEG_PROMPT
+            atomic(neg_path, lambda f: save_file({"context": t5.encode([neg])[0].float().cpu().contiguous()}, f))
+        shard_no = len({c["shard"] for c in man["clips"]})
+        tensors, pending = {}, []
+
+        def flush():  # one shard, then the manifest that names it: a crash loses at most the clips of one shard
+            nonlocal shard_no
+            shard = f"shard_{shard_no:05d}.safetensors"
+            atomic(os.path.join(out, shard), lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
+            man["clips"] += [{**c, "shard": shard} for c in pending]
+            write_json(man, man_path)
+            shard_no += 1
+            tensors.clear()
+            pending.clear()
+
+        for i, (f, cap) in enumerate(todo, 1):
+            t0 = time.time()
+            try:
+                video = resize_crop(read_frames(os.path.join(videos, f), frames), w, h)  # (3, F, h, w)
+            except Skip as e:
+                skipped.setdefault(e.args[0], []).append(f)
+                print(f"[{i}/{len(todo)}] {f}: skipped, {e.args[0]} ({e.args[1]})", flush=True)
+                continue
+            cid = f"{len(man['clips']) + len(pending):06d}"  # the manifest maps it to the file
+            tensors[f"{cid}.latent"] = vae.encode(video[None].to(device))[0].cpu()  # (16, T, h/8, w/8) fp32
+            tensors[f"{cid}.context"] = t5.encode([cap])[0].cpu().clone()  # (L, 4096) as computed; clone: a view of 512
+            if model_type == "i2v":  # the first frame is the condition, as official builds it
+                tensors[f"{cid}.y"] = sample.i2v_condition(vae, video[:, 0], frames, h, w).cpu()
+                tensors[f"{cid}.clip"] = clip.encode_image(video[None, :, 0].to(device))[0].cpu()
+            pending.append({"id": cid, "caption": cap, "file": f})
+            print(f"[{i}/{len(todo)}] {f}: {time.time() - t0:.1f}s", flush=True)
+            if len(pending) == SHARD_CLIPS:
+                flush()
+        if pending:
+            flush()
+    write_json(man, man_path)
+    counts = ", ".join(f"{k} {len(v)}" for k, v in skipped.items() if v) or "none"
+    print(f"{len(man['clips'])} clips in {out}; skipped: {counts}")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# training-time reading
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """The clips precomputed under root, as fp32 tensors; shards are opened lazily and their handles cached."""
+
+    def __init__(self, root):
+        path = os.path.join(root, "manifest.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: precompute the clips first "
+                                    f"(python data.py --ckpt_dir CKPT --videos VIDEOS --out {root})")
+        with open(path, encoding="utf-8") as fh:
+            man = json.load(fh)
+        self.root, self.clips, self.model_type = root, man["clips"], man["model_type"]
+        self.frames, self.size = man["frames"], man["size"]
+        neg = os.path.join(root, "neg_context.safetensors")
+        if not os.path.isfile(neg):
+            raise FileNotFoundError(f"{neg} not found: rerun data.py on {root} to finish the precompute")
+        self.neg_context = load_file(neg)["context"].float()  # (L, text_dim)
+        self.handles = {}
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        c = self.clips[i]
+        if c["shard"] not in self.handles:
+            self.handles[c["shard"]] = safe_open(os.path.join(self.root, c["shard"]), framework="pt")
+        f = self.handles[c["shard"]]
+        keys = ("latent", "context", "y", "clip") if self.model_type == "i2v" else ("latent", "context")
+        return {k: f.get_tensor(f"{c['id']}.{k}").float() for k in keys}
+
+    def __getstate__(self):  # open handles do not pickle (DataLoader workers); they are reopened on demand
+        return {**self.__dict__, "handles": {}}
+
+
+def collate(items):
+    """Stack samples; contexts are zero-padded to the longest, which is what the DiT does up to text_len anyway."""
+    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "context"}
+    L = max(it["context"].shape[0] for it in items)
+    out["context"] = torch.stack([F.pad(it["context"], (0, 0, 0, L - it["context"].shape[0])) for it in items])
+    return out
+
+
+class Loader:
+    """Infinite, deterministic, resumable iteration; sharded per data-parallel rank.
+
+    Epoch e visits torch.randperm(N) seeded with seed + e; rank r takes order[r::world] in batches of
+    batch_size, the last partial batch dropped. Every rank gets the same number of batches per epoch, so
+    collectives stay in step. state_dict() is the position of the next batch.
+    """
+
+    def __init__(self, dataset, batch_size, rank=0, world=1, seed=0):
+        self.dataset, self.batch_size, self.rank, self.world, self.seed = dataset, batch_size, rank, world, seed
+        self.batches = len(dataset) // world // batch_size
+        if self.batches == 0:
+            raise ValueError(f"{len(dataset)} clips cannot give each of {world} rank(s) a full batch of {batch_size}: "
+                             "lower the batch size or precompute more clips")
+        self.epoch, self.index, self.order = 0, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.order is None or self.order[0] != self.epoch:
+            perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            self.order = (self.epoch, perm[self.rank::self.world].tolist())
+        b = self.batch_size
+        idx = self.order[1][self.index * b:(self.index + 1) * b]
+        self.index += 1
+        if self.index == self.batches:
+            self.epoch, self.index = self.epoch + 1, 0
+        return collate([self.dataset[i] for i in idx])
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, d):
+        self.epoch, self.index = int(d["epoch"]), int(d["index"])
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", type=int, metavar="N", help="write N moving-shapes clips to --out")
+    p.add_argument("--ckpt_dir", help="official Wan2.1 checkpoint directory (for precompute)")
+    p.add_argument("--videos", help="folder of captioned videos to precompute")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, help="frames per clip at 16 fps, 4n+1 (default 81; synthetic 17)")
+    p.add_argument("--size", help="W*H (default 832*480; synthetic 64*64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    p.add_argument("--overwrite", action="store_true", help="synthetic: write into a non-empty --out")
+    args = p.parse_args(argv)
+    try:
+        if args.synthetic is not None:
+            return write_synthetic(args.synthetic, args.out, args.frames or 17, args.size or "64*64", args.seed,
+                                   args.overwrite)
+        if not (args.ckpt_dir and args.videos):
+            p.error("precompute needs --ckpt_dir and --videos (or pass --synthetic N to write synthetic clips)")
+        return precompute(args.ckpt_dir, args.videos, args.out, args.frames or 81, args.size or "832*480", args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"data.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dfn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -57,14 +57,16 @@ def linear32(lin, x):
 
 def all_to_all(x, group, scatter_dim, gather_dim):
     """Ulysses all-to-all with autograd: split x along scatter_dim over the group, concat what arrives along gather_dim."""
-    world = dist.get_world_size(group)
-    chunks = [c.contiguous() for c in x.chunk(world, scatter_dim)]
-    return torch.cat(dfn.all_to_all([torch.empty_like(c) for c in chunks], chunks, group=group), dim=gather_dim)
+    n = dist.get_world_size(group)
+    x = x.movedim(scatter_dim, 0).contiguous()  # (n * chunk, ...): rank j receives the j-th chunk
+    y = funcol.all_to_all_single_autograd(x, None, None, group)
+    y = funcol.wait_tensor(y).movedim(0, scatter_dim)  # the received chunks, stacked along scatter_dim
+    return torch.cat(y.chunk(n, dim=scatter_dim), dim=gather_dim)
 
 
 def gather_seq(x, group, L):
     """All-gather the sequence chunks of every rank (with autograd) and drop the padding: [B, L, ...]."""
-    x = torch.cat(dfn.all_gather(x.contiguous(), group=group), dim=1)
+    x = funcol.wait_tensor(funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=1, group=group))
     return x if x.shape[1] == L else x[:, :L].clone()  # a copy, not a view: FSDP2 warns on returned views
 
 
@@ -319,9 +321,10 @@ class WanModel(nn.Module):
     # loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
+    def from_pretrained(cls, path, dtype=None, device="cpu", weights=None):
         """Load an official checkpoint directory (config.json + single or sharded safetensors), or one
         .safetensors file with the official key names (e.g. an exported student) with config.json beside it.
+        weights: another .safetensors file to take the weights from (a student of the checkpoint at path).
 
         The model is built on the meta device and filled with tensors memory-mapped from the files, so a
         checkpoint is never held twice in memory. dtype None keeps the file's dtype (fp32 for Wan); with
@@ -332,12 +335,12 @@ class WanModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         state = {}
-        for shard in weight_files(path):
+        for shard in weight_files(os.fspath(weights) if weights else path):
             for name, tensor in read_safetensors(shard):
                 keep32 = dtype is not None and (name.startswith(FP32_PREFIXES) or "modulation" in name)
                 target = torch.float32 if keep32 and tensor.is_floating_point() else dtype
                 state[name] = tensor.to(device=device, dtype=target)
-        load_strict(model, state, path)
+        load_strict(model, state, weights or path)
         return model.eval().requires_grad_(False)
 
 

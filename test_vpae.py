@@ -6,15 +6,20 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import data
 import encoders
 import model as M
+import sample
 import vae
 from encoders import CLIPVision, T5Encoder, clean_text, rel_bucket
+from model import WanConfig, WanModel
 from vae import WanVAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1052,6 +1057,442 @@ def test_official_sizes_on_meta():
     assert sd["blocks.23.pos_embedding.embedding.weight"].shape == (32, 64)
     assert clip.image_size == 224 and clip.transformer[30].attn.heads == 16 and out.shape == (1, 257, 1280)
     assert clip.state_dict()["transformer.0.attn.to_qkv.weight"].shape == (3840, 1280)
+
+
+# =============================================================================
+# sample.py and data.py: a complete tiny official-layout checkpoint directory
+
+
+T5_DIM, CLIP_DIM = 32, 160
+
+
+# -----------------------------------------------------------------------------
+# a tiny checkpoint directory in the official layout (also used by the distillation tests and the demo)
+
+
+def _tokenizer(folder, words):
+    """A word-level umT5 stand-in: the given words, each non-ASCII character (so the Chinese negative prompt
+    tokenizes), <unk> otherwise; </s> appended by the post-processor, as the real tokenizer.json does."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    chars = sorted(set(sample.I2V_NEG_PREFIX + sample.NEG_PROMPT))
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in list(words) + chars:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split(Regex(r"[^\x00-\x7f]"), "isolated")])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return len(vocab)
+
+
+def _randomise(module, gen):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("gamma") or "norm" in name:
+                p.uniform_(0.5, 1.5, generator=gen)
+            else:
+                p.normal_(0, 0.5 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1, generator=gen)
+
+
+def make_tiny_checkpoint(path, model_type="i2v", seed=0):
+    """Write a complete tiny Wan2.1 checkpoint directory (random weights) for `model_type` t2v or i2v: config.json,
+    diffusion_pytorch_model.safetensors (dim 64, 2 layers), Wan2.1_VAE.pth (base dim 8), the umT5 .pth (dim 32)
+    with google/umt5-xxl/tokenizer.json, and for i2v the CLIP .pth (width 160, 28-pixel input, 1 + 4 tokens)."""
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    # DiT: every weight random, the head included (the official init zeroes it, which would hide bugs)
+    cfg = WanConfig(model_type, in_dim=16 if model_type == "t2v" else 36, dim=64, ffn_dim=96, num_heads=4,
+                    num_layers=2, text_dim=T5_DIM, clip_dim=CLIP_DIM)
+    dit = WanModel(cfg)
+    _randomise(dit, g)
+    keys = ["model_type", "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim",
+            "text_len", "text_dim", "clip_dim"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"_class_name": "WanModel", "_diffusers_version": "0.30.0", **{k: getattr(cfg, k) for k in keys}}, f)
+    sd = {k: v.contiguous() for k, v in dit.state_dict().items()}
+    save_file(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    vae = WanVAE(dim=8)
+    _randomise(vae, g)
+    torch.save(vae.state_dict(), os.path.join(path, sample.VAE_FILE))
+    # umT5: vocabulary of the synthetic captions and the test prompts
+    words = ["a", "moving", "the", "cat", "walks", *data.SHAPES, *data.COLOURS, *data.DIRECTIONS]
+    vocab = _tokenizer(os.path.join(path, sample.TOKENIZER_DIR), words)
+    r = lambda *s, std=0.2: torch.randn(*s, generator=g) * std  # noqa: E731
+    d, f, heads = T5_DIM, 64, 4
+    t5 = {"token_embedding.weight": r(vocab, d, std=1.0), "norm.weight": 1 + r(d, std=0.1)}
+    for i in range(2):
+        p = f"blocks.{i}."
+        t5.update({p + "norm1.weight": 1 + r(d, std=0.1), p + "norm2.weight": 1 + r(d, std=0.1),
+                   p + "ffn.gate.0.weight": r(f, d), p + "ffn.fc1.weight": r(f, d), p + "ffn.fc2.weight": r(d, f),
+                   p + "pos_embedding.embedding.weight": r(32, heads, std=1.0),
+                   **{p + f"attn.{n}.weight": r(d, d) for n in "qkvo"}})
+    torch.save(t5, os.path.join(path, sample.T5_FILE))
+    if model_type == "i2v":  # ViT: width 160 (2 heads of 80), patch 14, 2x2 grid; the file's last block is unused
+        d, m = CLIP_DIM, 2 * CLIP_DIM
+        sd = {"visual.patch_embedding.weight": r(d, 3, 14, 14, std=0.05), "visual.cls_embedding": r(1, 1, d, std=1),
+              "visual.pos_embedding": r(1, 5, d, std=1), "visual.pre_norm.weight": 1 + r(d, std=0.05),
+              "visual.pre_norm.bias": r(d, std=0.05)}
+        for i in range(3):
+            p = f"visual.transformer.{i}."
+            sd.update({p + "norm1.weight": 1 + r(d, std=0.05), p + "norm1.bias": r(d, std=0.05),
+                       p + "norm2.weight": 1 + r(d, std=0.05), p + "norm2.bias": r(d, std=0.05),
+                       p + "attn.to_qkv.weight": r(3 * d, d, std=0.05), p + "attn.to_qkv.bias": r(3 * d, std=0.05),
+                       p + "attn.proj.weight": r(d, d, std=0.05), p + "attn.proj.bias": r(d, std=0.05),
+                       p + "mlp.0.weight": r(m, d, std=0.05), p + "mlp.0.bias": r(m, std=0.05),
+                       p + "mlp.2.weight": r(d, m, std=0.05), p + "mlp.2.bias": r(d, std=0.05)})
+        torch.save(sd, os.path.join(path, sample.CLIP_FILE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def i2v_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("i2v"), "i2v")
+
+
+@pytest.fixture(scope="module")
+def t2v_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("t2v"), "t2v")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("img") / "x.png")
+    imageio.imwrite(path, np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    return path
+
+
+def read_mp4(path):
+    return np.stack(imageio.mimread(path, memtest=False))  # (F, H, W, 3)
+
+
+# -----------------------------------------------------------------------------
+# the I2V condition and the size rule
+
+
+def test_target_size_official_rule():
+    # by hand: 720x1280 at 832*480: sqrt(399360 * 0.5625) = 473.96 -> //8 = 59 -> //2*2 = 58 -> 464;
+    # sqrt(399360 / 0.5625) = 842.6 -> 105 -> 104 -> 832
+    assert sample.target_size(720, 1280, 832 * 480) == (464, 832)
+    assert sample.target_size(1280, 720, 832 * 480) == (832, 464)
+    # an exact 832x480 image comes out 464 high: 399360 * (480/832) = 230399.99999999997 in float64, whose root
+    # is just under 480 (official computes it the same way, with np.sqrt)
+    assert sample.target_size(480, 832, 832 * 480) == (464, 832)
+    assert sample.target_size(720, 1280, 1280 * 720) == (720, 1280)
+    assert sample.target_size(40, 56, 32 * 32) == (16, 32)  # sqrt(1024 * 40/56) = 27.0 -> 3 -> 2 -> 16; 37.9 -> 4 -> 32
+
+
+def test_i2v_condition_mask_and_layout(i2v_ckpt):
+    vae = WanVAE.from_pretrained(os.path.join(i2v_ckpt, sample.VAE_FILE))
+    img = torch.rand(3, 20, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = sample.i2v_condition(vae, img, 9, 16, 32)
+    assert y.shape == (20, 3, 2, 4) and y.dtype == torch.float32
+    assert torch.equal(y[:4, 0], torch.ones(4, 2, 4)) and torch.equal(y[:4, 1:], torch.zeros(4, 2, 2, 4))
+    resized = F.interpolate(img[None], size=(16, 32), mode="bicubic", align_corners=False)
+    video = torch.cat([resized[:, :, None], torch.zeros(1, 3, 8, 16, 32)], 2)
+    with torch.no_grad():
+        torch.testing.assert_close(y[4:], vae.encode(video)[0])
+    assert y[4:, 1:].abs().sum() > 0  # the zero frames went through the VAE
+
+
+# -----------------------------------------------------------------------------
+# sample.py end to end
+
+
+def test_i2v_end_to_end(i2v_ckpt, image, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "i2v.mp4")
+    sample.main(["--ckpt_dir", i2v_ckpt, "--image", image, "--prompt", "a red circle moving left",
+                 "--frames", "9", "--size", "32*32", "--out", out])
+    v = read_mp4(out)
+    assert v.shape == (9, 16, 32, 3)  # (h, w) = target_size(40, 56, 32*32)
+    assert v.std() > 0
+    assert imageio.get_reader(out).get_meta_data()["fps"] == 16
+    # no --ckpt_dir: the bundled demo model when it exists, else a clear error (tested in test_user_errors)
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", i2v_ckpt)
+    sample.main(["--image", image, "--frames", "5", "--size", "32*32", "--offload", "--out",
+                 str(tmp_path / "demo.mp4")])
+    assert "using the bundled demo model" in capsys.readouterr().out
+    assert read_mp4(str(tmp_path / "demo.mp4")).shape == (5, 16, 32, 3)
+
+
+def test_t2v_end_to_end_and_samplers(t2v_ckpt, tmp_path):
+    out = str(tmp_path / "t2v.mp4")
+    sample.main(["--ckpt_dir", t2v_ckpt, "--prompt", "the cat walks", "--frames", "5", "--size", "48*32", "--out", out])
+    assert read_mp4(out).shape == (5, 32, 48, 3)
+    sample.main(["--ckpt_dir", t2v_ckpt, "--prompt", "the cat walks", "--frames", "5", "--size", "32*16",
+                 "--steps", "4", "--out", str(tmp_path / "four.mp4")])
+    sample.main(["--ckpt_dir", t2v_ckpt, "--prompt", "the cat walks", "--frames", "5", "--size", "32*16",
+                 "--teacher", "--steps", "2", "--out", str(tmp_path / "teacher.mp4")])
+    assert read_mp4(str(tmp_path / "teacher.mp4")).shape == (5, 16, 32, 3)
+
+
+def test_81_frames_progress_and_stage_times(i2v_ckpt, tmp_path, capsys):
+    img = str(tmp_path / "sq.png")
+    imageio.imwrite(img, np.full((30, 30, 3), 200, dtype=np.uint8))
+    out = str(tmp_path / "long.mp4")
+    sample.main(["--ckpt_dir", i2v_ckpt, "--image", img, "--size", "32*32", "--out", out, "--tile", "9"])
+    text = capsys.readouterr().out
+    assert read_mp4(out).shape == (81, 32, 32, 3)
+    for needle in ("VAE enc", "VAE dec", "DiT", "21/21", "1/1", "time: load", "text", "image", "VAE ", "total"):
+        assert needle in text, needle
+
+
+def test_student_weights(i2v_ckpt, image, tmp_path):
+    dit = WanModel.from_pretrained(i2v_ckpt)
+    sd = {k: v.clone() for k, v in dit.state_dict().items()}
+    sd["head.head.bias"] += 1.0  # a different DiT: its video must differ
+    student = str(tmp_path / "student.safetensors")
+    save_file(sd, student)
+    args = ["--ckpt_dir", i2v_ckpt, "--image", image, "--frames", "5", "--size", "32*32"]
+    sample.main(args + ["--out", str(tmp_path / "teacher_w.mp4")])
+    sample.main(args + ["--student", student, "--out", str(tmp_path / "student.mp4")])
+    assert not np.array_equal(read_mp4(str(tmp_path / "teacher_w.mp4")), read_mp4(str(tmp_path / "student.mp4")))
+    del sd["blocks.0.ffn.0.bias"]
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(SystemExit, match="bad.safetensors does not match the official layout.*blocks.0.ffn.0.bias"):
+        sample.main(args + ["--student", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "no.mp4")])
+
+
+def test_user_errors(i2v_ckpt, t2v_ckpt, image, tmp_path):
+    def err(argv):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        msg = str(e.value.code)
+        assert msg.startswith("sample.py: error: ") and "\n" not in msg
+        return msg
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(i2v_ckpt):
+        if f != sample.CLIP_FILE:
+            os.symlink(os.path.join(i2v_ckpt, f), broken / f)
+    out = ["--out", str(tmp_path / "o.mp4")]
+    assert sample.CLIP_FILE in err(["--ckpt_dir", str(broken), "--image", image] + out)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert "cannot read the image" in err(["--ckpt_dir", i2v_ckpt, "--image", str(bad)] + out)
+    assert "4n+1" in err(["--ckpt_dir", i2v_ckpt, "--image", image, "--frames", "8"] + out)
+    assert "multiples of 16" in err(["--ckpt_dir", t2v_ckpt, "--prompt", "a", "--size", "40*32"] + out)
+    assert "t2v checkpoint" in err(["--ckpt_dir", t2v_ckpt, "--prompt", "a", "--image", image] + out)
+    assert "--image" in err(["--ckpt_dir", i2v_ckpt] + out)
+    (tmp_path / "o.mp4").write_bytes(b"mine")
+    assert "already exists" in err(["--ckpt_dir", i2v_ckpt, "--image", image] + out)
+    assert (tmp_path / "o.mp4").read_bytes() == b"mine"
+    if not os.path.isdir(sample.DEFAULT_CKPT):
+        assert "--ckpt_dir" in err(["--image", image])
+
+
+# -----------------------------------------------------------------------------
+# data.py
+
+
+def test_synthetic_clip_moves():
+    clip = data.synthetic_clip("circle", "red", "left", 9, 32, 48, np.random.default_rng(0))
+    assert clip.shape == (9, 32, 48, 3) and clip.dtype == np.uint8
+    red = (clip == np.array(data.COLOURS["red"], dtype=np.uint8)).all(-1)  # (F, H, W)
+    xs = [np.nonzero(m)[1].mean() for m in red]
+    ys = [np.nonzero(m)[0].mean() for m in red]
+    assert all(b < a for a, b in zip(xs, xs[1:])) and np.ptp(ys) < 1.0
+    steps = np.diff(xs)
+    assert np.allclose(steps, steps.mean(), atol=0.6)  # constant speed, up to pixel rounding
+    assert data.caption("circle", "red", "left") == "a red circle moving left"
+
+
+def test_read_frames_resamples_to_16fps(tmp_path):
+    levels = np.arange(12, dtype=np.uint8) * 20  # frame i is a flat grey of level 20 i
+    clip = np.broadcast_to(levels[:, None, None, None], (12, 16, 16, 3)).copy()
+    imageio.mimwrite(str(tmp_path / "a.gif"), clip, duration=125)  # 8 fps: each frame is shown twice at 16 fps
+    got = data.read_frames(str(tmp_path / "a.gif"), 5)
+    assert got.shape == (5, 16, 16, 3) and got[:, 0, 0, 0].tolist() == [0, 0, 20, 20, 40]
+    w = imageio.get_writer(str(tmp_path / "b.mp4"), fps=32, codec="libx264", quality=10, macro_block_size=16)
+    for f in clip:
+        w.append_data(f)
+    w.close()
+    got = data.read_frames(str(tmp_path / "b.mp4"), 5)[:, 8, 8, 0].astype(int)  # 32 fps: every other frame
+    assert np.abs(got - [0, 40, 80, 120, 160]).max() <= 3
+    with pytest.raises(data.Skip, match="too_short"):
+        data.read_frames(str(tmp_path / "b.mp4"), 9)
+    x = data.resize_crop(np.zeros((2, 30, 60, 3), np.uint8), 32, 16)  # cover: 30x60 -> 16x32, no crop needed
+    assert x.shape == (3, 2, 16, 32) and x.min() == -1
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("videos"))
+    data.main(["--synthetic", "4", "--out", root, "--frames", "17", "--size", "64*48"])
+    with open(os.path.join(root, "x.mp4"), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(2000))  # corrupt
+    sample.save_mp4(np.zeros((5, 48, 64, 3), np.uint8), os.path.join(root, "short.mp4"))  # 5 < 9 frames
+    with open(os.path.join(root, "captions.jsonl"), "a") as f:
+        f.write(json.dumps({"file": "x.mp4", "caption": "a red square"}) + "\n")
+        f.write(json.dumps({"file": "short.mp4", "caption": "a blue square"}) + "\n")
+    return root
+
+
+def test_synthetic_folder(videos):
+    with open(os.path.join(videos, "captions.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 6
+    v = read_mp4(os.path.join(videos, lines[0]["file"]))
+    assert v.shape == (17, 48, 64, 3)
+    assert lines[0]["caption"].split()[1] in data.COLOURS and lines[0]["caption"].split()[2] in data.SHAPES
+    with pytest.raises(SystemExit, match="not empty"):
+        data.main(["--synthetic", "1", "--out", videos])
+
+
+@pytest.fixture(scope="module")
+def latents(i2v_ckpt, videos, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("latents") / "lat")
+    data.precompute(i2v_ckpt, videos, out, frames=9, size="32*32")
+    return out
+
+
+def test_precompute(latents, videos, i2v_ckpt, capsys):
+    with open(os.path.join(latents, "manifest.json")) as f:
+        man = json.load(f)
+    assert (man["model_type"], man["frames"], man["size"]) == ("i2v", 9, "32*32")
+    assert len(man["clips"]) == 4 and {c["shard"] for c in man["clips"]} == {"shard_00000.safetensors"}
+    assert man["skipped"] == {"unreadable": ["x.mp4"], "too_short": ["short.mp4"]}
+    assert data.is_precomputed(latents) and not data.is_precomputed(videos)
+    data.precompute(i2v_ckpt, videos, latents, frames=9, size="32*32")  # resumable: nothing left to do
+    assert "0 clips to encode" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="another --out"):
+        data.precompute(i2v_ckpt, videos, latents, frames=5, size="32*32")
+    assert not [f for f in os.listdir(latents) if f.endswith(".tmp")]
+
+
+def test_precompute_t2v(t2v_ckpt, videos, tmp_path):
+    out = data.main(["--ckpt_dir", t2v_ckpt, "--videos", videos, "--out", str(tmp_path / "t2v"), "--frames", "5",
+                     "--size", "16*16"])
+    ds = data.LatentDataset(out)
+    assert ds.model_type == "t2v" and len(ds) == 5 and set(ds[3]) == {"latent", "context"}  # short.mp4 has 5 frames
+    assert ds[3]["latent"].shape == (16, 2, 2, 2)
+    os.remove(os.path.join(out, "neg_context.safetensors"))
+    with pytest.raises(FileNotFoundError, match="neg_context"):
+        data.LatentDataset(out)
+    data.precompute(t2v_ckpt, videos, out, frames=5, size="16*16")  # nothing to encode, but the missing file is redone
+    assert data.LatentDataset(out).neg_context.shape[1] == T5_DIM
+
+
+def test_dataset_and_collate(latents, i2v_ckpt):
+    ds = data.LatentDataset(latents)
+    assert len(ds) == 4 and ds.model_type == "i2v"
+    assert ds.neg_context.dim() == 2 and ds.neg_context.shape[1] == T5_DIM and ds.neg_context.dtype == torch.float32
+    it = ds[0]
+    assert it["latent"].shape == (16, 3, 4, 4) and it["y"].shape == (20, 3, 4, 4) and it["clip"].shape == (5, CLIP_DIM)
+    assert it["context"].shape[1] == T5_DIM and all(v.dtype == torch.float32 for v in it.values())
+    assert torch.equal(it["y"][:4, 0], torch.ones(4, 4, 4)) and not it["y"][:4, 1:].any()
+    b = data.collate([ds[i] for i in range(4)])
+    L = max(ds[i]["context"].shape[0] for i in range(4))
+    assert b["latent"].shape == (4, 16, 3, 4, 4) and b["context"].shape == (4, L, T5_DIM)
+    short = min(range(4), key=lambda i: ds[i]["context"].shape[0])
+    n = ds[short]["context"].shape[0]
+    assert torch.equal(b["context"][short, :n], ds[short]["context"]) and not b["context"][short, n:].any()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        data.LatentDataset(os.path.dirname(latents))
+
+
+class Ids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return {"latent": torch.tensor([i]), "context": torch.zeros(1 + i % 3, 2)}
+
+
+def ids(batch):
+    return batch["latent"][:, 0].tolist()
+
+
+def test_loader_deterministic_resumable_sharded():
+    a, b = data.Loader(Ids(), 2, seed=3), data.Loader(Ids(), 2, seed=3)
+    first = [ids(next(a)) for _ in range(12)]
+    assert first == [ids(next(b)) for _ in range(12)]
+    assert sorted(sum(first[:5], [])) == list(range(10))  # one epoch = 5 batches, each clip once
+    assert first[:5] != first[5:10]  # a new order each epoch
+    c = data.Loader(Ids(), 2, seed=3)
+    for _ in range(7):
+        next(c)
+    state = c.state_dict()
+    assert state == {"epoch": 1, "index": 2}
+    d = data.Loader(Ids(), 2, seed=3)
+    d.load_state_dict(state)
+    assert [ids(next(d)) for _ in range(5)] == first[7:12]
+    r0, r1 = data.Loader(Ids(), 2, rank=0, world=2), data.Loader(Ids(), 2, rank=1, world=2)
+    s0, s1 = [sum((ids(next(r)) for _ in range(2)), []) for r in (r0, r1)]
+    assert len(s0) == len(s1) == 4 and not set(s0) & set(s1)
+    with pytest.raises(ValueError, match="full batch"):
+        data.Loader(Ids(), 6, world=2)
+
+
+def test_help(capsys):
+    for mod in (sample, data):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--help"])
+        assert e.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+# =============================================================================
+# distill.py end to end: torchrun on gloo, resume, non-finite steps
+
+
+DISTILL = ["--lora_rank=4", "--disc_width=64", "--log_every=1", "--export_dtype=fp32", "--batch_size=2"]
+
+
+def run_distill(args, nproc=1):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29541"]
+                              if nproc > 1 else []) + [os.path.join(HERE, "distill.py")] + DISTILL + args
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_distill_two_processes_both_phases(i2v_ckpt, latents, tmp_path):
+    """2 ranks, FSDP2 over both and Ulysses sp=2: Phase I then Phase II, a checkpoint, the exported student."""
+    out = str(tmp_path / "run")
+    r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=2",
+                     "--phase2_steps=2", "--sp=2"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "memory per GPU" in r.stdout
+    log = read_log(out)
+    assert [x["phase"] for x in log] == [1, 1, 2, 2]
+    assert all(math.isfinite(v) for x in log for v in x.values())
+    assert all(k in log[-1] for k in ("loss_d", "loss_r1", "loss_g_adv", "loss_csds", "d_real", "d_fake", "gnorm_gen"))
+    assert all(k in log[0] for k in ("loss_dmd", "loss_fake", "tokens_per_s", "peak_mem_gib", "step_s"))
+    student = WanModel.from_pretrained(os.path.join(out, "student.safetensors"))
+    teacher = WanModel.from_pretrained(i2v_ckpt)
+    diff = [(a - b).abs().max() for a, b in zip(student.parameters(), teacher.parameters())]
+    assert max(diff) > 0  # the EMA moved
+    assert os.path.isdir(os.path.join(out, "ckpt_00000004")) and not any(p.endswith(".tmp") for p in os.listdir(out))
+    r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}"])
+    assert r.returncode != 0 and "student.safetensors exists" in r.stdout + r.stderr
+
+
+def test_distill_resume_equals_uninterrupted(i2v_ckpt, latents, tmp_path):
+    """Stopped after step 1 and after step 3 (across the phase change), then resumed: bitwise the same student."""
+    args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=2", "--phase2_steps=2", "--keep_ckpts=1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_distill(args + [f"--out={a}"]).returncode == 0
+    for extra in (["--stop_after=1"], ["--stop_after=2"], []):
+        r = run_distill(args + [f"--out={b}"] + extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and sorted(os.listdir(b)) == ["ckpt_00000004", "config.json", "log.jsonl",
+                                                                    "student.safetensors"]
+    with open(os.path.join(a, "student.safetensors"), "rb") as fa, open(os.path.join(b, "student.safetensors"), "rb") as fb:
+        assert fa.read() == fb.read()
+
+
+def test_distill_stops_on_non_finite_steps(i2v_ckpt, latents, tmp_path):
+    r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={tmp_path / 'nan'}", "--phase1_steps=3",
+                     "--phase2_steps=0", "--lr_phase1=1e30", "--max_bad_steps=1", "--ckpt_every=1000"])
+    assert r.returncode == 1 and "step skipped" in r.stdout and "too many non-finite losses" in r.stdout
 
 
 if __name__ == "__main__" and sys.argv[1] == "sp":
