@@ -5,6 +5,9 @@
       (same config, random weights, fp32 on CPU / bf16 on GPU), each in its own process, alternating.
   python bench.py memory [--preset i2v-14B --world 8 --sp 8 --frames 81 --size 832*480]
       distill.py's per-GPU memory estimate for a preset, from models built on the meta device.
+  python bench.py train-memory [--dim 768 --heads 6 --layers 8 --frames 9 --size 256*256]
+      Runs distill.py on 2 CPU ranks (gloo) on a random checkpoint of that size and random latents, and prints
+      the peak RSS per rank it logs beside the estimate it printed at start.
   python bench.py load CKPT_DIR
       Peak RSS while loading an official checkpoint and touching every weight, against its size.
 """
@@ -50,6 +53,41 @@ def memory(a):
     print(f"{a.preset} distillation, Phase II (the larger), {a.frames} frames at {a.size} = {tokens} tokens, "
           f"world {a.world}, sp {a.sp}, micro-batch 1, the default Config")
     print_memory(memory_estimate(cfg, types.SimpleNamespace(gen=gen, teacher=teacher, disc=disc), a.world, tokens))
+
+
+def train_memory(a):
+    import tempfile
+    from safetensors.torch import save_file
+    from model import WanConfig, WanModel
+    root = tempfile.mkdtemp(prefix="vpae-mem-")
+    cfg = WanConfig("t2v", dim=a.dim, ffn_dim=4 * a.dim, num_heads=a.heads, num_layers=a.layers, text_len=64)
+    ckpt, lat = os.path.join(root, "ckpt"), os.path.join(root, "latents")
+    os.makedirs(ckpt), os.makedirs(lat)
+    save_file({k: v.contiguous() for k, v in WanModel(cfg).state_dict().items()},
+              os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump({"model_type": "t2v", "dim": a.dim, "ffn_dim": 4 * a.dim, "num_heads": a.heads,
+                   "num_layers": a.layers, "text_len": 64}, f)
+    W, H = map(int, a.size.split("*"))
+    shape = (16, (a.frames - 1) // 4 + 1, H // 8, W // 8)
+    clips = [{"id": f"{i:06d}", "shard": "shard_00000.safetensors", "caption": "x", "file": f"{i}.mp4"} for i in range(4)]
+    save_file({f"{c['id']}.{k}": torch.randn(*s) for c in clips for k, s in (("latent", shape), ("context", (20, 4096)))},
+              os.path.join(lat, "shard_00000.safetensors"))
+    save_file({"context": torch.randn(20, 4096)}, os.path.join(lat, "neg_context.safetensors"))
+    with open(os.path.join(lat, "manifest.json"), "w") as f:
+        json.dump({"model_type": "t2v", "frames": a.frames, "size": a.size, "clips": clips, "skipped": {}}, f)
+    out = os.path.join(root, "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py"), f"--teacher={ckpt}",
+           f"--data={lat}", f"--out={out}", "--phase1_steps=1", "--phase2_steps=2", "--batch_size=2",
+           "--log_every=1", "--ckpt_every=1000", "--sp=2"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    est = float(text.split("memory per GPU  total")[1].split()[0])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        peak = max(json.loads(line)["peak_mem_gib"] for line in f)
+    print([line for line in text.splitlines() if "memory per GPU" in line or "tokens per clip" in line], sep="\n")
+    print(f"2 CPU ranks, sp 2, dim {a.dim}, {a.layers} layers: estimate {est:.2f} GiB per rank, "
+          f"measured peak RSS {peak:.2f} GiB per rank (RSS includes the ~0.4 GiB of the Python/torch process)")
 
 
 def dit_child(a):
@@ -117,7 +155,7 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory"])
+    p.add_argument("what", choices=["dit", "load", "memory", "train-memory"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
@@ -135,12 +173,14 @@ if __name__ == "__main__":
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
-    a.size = a.size or ("832*480" if a.what == "memory" else "416*240")
+    a.size = a.size or {"memory": "832*480", "train-memory": "256*256"}.get(a.what, "416*240")
     if a.what == "load":
         if not a.ckpt:
             p.error("load needs a checkpoint directory")
         load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype])
     elif a.what == "memory":
         memory(a)
+    elif a.what == "train-memory":
+        train_memory(a)
     else:
         dit_child(a) if a.child else dit(a)

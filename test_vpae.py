@@ -286,7 +286,7 @@ def test_sequence_parallel_matches_single_process(tmp_path):
     """2 ranks on gloo, Ulysses over both: the output and the (rank-summed) gradients equal one process."""
     cfg = tiny_cfg("i2v")
     write_official(random_model(cfg), tmp_path / "ckpt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            os.path.join(HERE, "test_vpae.py"), "sp", str(tmp_path / "ckpt")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
     assert out.returncode == 0 and out.stdout.count("SP OK") == 2, out.stdout + out.stderr
@@ -1444,7 +1444,7 @@ DISTILL = ["--lora_rank=4", "--disc_width=64", "--log_every=1", "--export_dtype=
 
 
 def run_distill(args, nproc=1):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29541"]
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
                               if nproc > 1 else []) + [os.path.join(HERE, "distill.py")] + DISTILL + args
     return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600)
 
@@ -1493,6 +1493,25 @@ def test_distill_stops_on_non_finite_steps(i2v_ckpt, latents, tmp_path):
     r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={tmp_path / 'nan'}", "--phase1_steps=3",
                      "--phase2_steps=0", "--lr_phase1=1e30", "--max_bad_steps=1", "--ckpt_every=1000"])
     assert r.returncode == 1 and "step skipped" in r.stdout and "too many non-finite losses" in r.stdout
+
+
+def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
+    import signal
+    import time
+    out = str(tmp_path / "term")
+    cmd = [sys.executable, os.path.join(HERE, "distill.py")] + DISTILL + [
+        f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=1000", "--ckpt_every=1000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    log = os.path.join(out, "log.jsonl")
+    for _ in range(600):  # wait for the first logged step
+        if os.path.exists(log) and os.path.getsize(log):
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and "checkpoint saved" in text, text[-3000:]
+    ckpts = [d for d in os.listdir(out) if d.startswith("ckpt_")]
+    assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp") and int(ckpts[0][5:]) < 1000
 
 
 if __name__ == "__main__" and sys.argv[1] == "sp":
