@@ -8,11 +8,16 @@
   python bench.py train-memory [--dim 768 --heads 6 --layers 8 --frames 9 --size 256*256]
       Runs distill.py on 2 CPU ranks (gloo) on a random checkpoint of that size and random latents, and prints
       the peak RSS per rank it logs beside the estimate it printed at start.
+  python bench.py kernels [--tiny]
+      On a GPU: bf16 attention fwd/bwd checked against fp64 beside SDPA's own bf16 error; attention TFLOP/s at
+      Wan shapes beside SDPA cuDNN and flash; GB/s of the fused norm ops against a copy of the same bytes; one
+      DiT forward at 14B width, 480p x 81 frames. --tiny: the same code at tiny sizes on CPU, interpreted.
   python bench.py load CKPT_DIR
       Peak RSS while loading an official checkpoint and touching every weight, against its size.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -20,6 +25,150 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
+
+
+def timer(fn, grad_to_none=None):
+    """Milliseconds per call: the median of triton's do_bench on a GPU, one timed call on CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _kernels():
+    import kernels
+    return kernels._attention, kernels._norm, kernels._qk_norm_rope
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):  # q, k, v [B, L, H, D] as the model holds them; SDPA sees transposed views
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return o.transpose(1, 2)
+    return run
+
+
+def check_attention(dev, dt, tiny):
+    """Max abs error of the Triton kernel and of SDPA in the same dtype, both against fp64, fwd and bwd."""
+    A = _kernels()[0]
+    cases = [(2, 2, 33, 33, 64, [33, 20]), (1, 2, 20, 9, 80, None)] if tiny else \
+        [(2, 8, 1000, 1000, 128, [1000, 613]), (2, 8, 1000, 257, 128, None), (1, 16, 257, 257, 80, None),
+         (2, 4, 777, 512, 64, [512, 100])]
+    print(f"attention correctness ({dt}, error vs fp64; 'sdpa' = PyTorch SDPA in the same dtype)")
+    for B, H, Lq, Lk, D, kl in cases:
+        g = torch.Generator(device=dev).manual_seed(0)
+        qkv = [torch.randn(B, L, H, D, generator=g, device=dev) for L in (Lq, Lk, Lk)]
+        do = torch.randn(B, Lq, H, D, generator=g, device=dev)
+        k_lens = torch.tensor(kl, device=dev) if kl else None
+        res = {}
+        for name, fn, cast in (("ref", A.attention_ref, torch.float64), ("triton", A.flash_attention, dt),
+                               ("sdpa", A.attention_ref, dt)):
+            ins = [t.to(cast).requires_grad_() for t in qkv]
+            o = fn(*ins, k_lens)
+            res[name] = [o.double()] + [t.double() for t in torch.autograd.grad(o, ins, do.to(cast))]
+        err = {n: [(a - b).abs().max().item() for a, b in zip(res[n], res["ref"])] for n in ("triton", "sdpa")}
+        print(f"  B={B} H={H} Lq={Lq} Lk={Lk} D={D} k_lens={kl}: " + "  ".join(
+            f"{n} o/dq/dk/dv " + "/".join(f"{e:.1e}" for e in err[n]) for n in err))
+        for et, es in zip(err["triton"], err["sdpa"]):
+            assert math.isfinite(et) and et <= 2 * (es if math.isfinite(es) else 0) + 1e-2, "less accurate than SDPA"
+
+
+def bench_attention(dev, dt, tiny):
+    """TFLOP/s forward and backward: Triton beside SDPA's cuDNN and flash backends (FLOPs = 4 B H Lq Lk D fwd)."""
+    from torch.nn.attention import SDPBackend
+    A = _kernels()[0]
+    shapes = [("self", 1, 2, 40, 40, 64), ("cross", 1, 2, 40, 12, 64)] if tiny else \
+        [("self 32760", 1, 40, 32760, 32760, 128), ("self 75600", 1, 40, 75600, 75600, 128),
+         ("cross 32760x512", 1, 40, 32760, 512, 128)]
+    impls = [("triton", A.flash_attention)] + ([("sdpa-math", _sdpa(SDPBackend.MATH))] if dev == "cpu" else
+                                               [("sdpa-cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION)),
+                                                ("sdpa-flash", _sdpa(SDPBackend.FLASH_ATTENTION))])
+    print(f"attention speed ({dt}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu interpreter'})")
+    for name, B, H, Lq, Lk, D in shapes:
+        q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=dt, requires_grad=True) for L in (Lq, Lk, Lk))
+        flops = 4 * B * H * Lq * Lk * D
+        for impl, fn in impls:
+            try:
+                with torch.no_grad():
+                    ms_f = timer(lambda: fn(q, k, v))
+                o = fn(q, k, v)
+                do = torch.randn_like(o)
+                ms_b = timer(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v])
+            except RuntimeError as e:  # e.g. a backend that does not take this shape on this GPU
+                print(f"  {name:16s} {impl:11s} n/a: {str(e).splitlines()[0][:100]}")
+                continue
+            print(f"  {name:16s} {impl:11s} fwd {ms_f:9.2f} ms {flops / ms_f / 1e9:7.1f} TFLOP/s   "
+                  f"bwd {ms_b:9.2f} ms {2.5 * flops / ms_b / 1e9:7.1f} TFLOP/s")
+            del o, do
+        del q, k, v
+
+
+def bench_fused(dev, tiny):
+    """GB/s of the fused norm ops (fwd and bwd, the [B, L, D] tensors they must read and write) against a
+    clone of the same number of bytes."""
+    _, N, R = _kernels()
+    D, H = (64, 4) if tiny else (5120, 40)
+    print(f"fused ops bandwidth (D={D}; copy = clone() moving the same bytes)")
+    for L in ((16,) if tiny else (32760, 75600)):
+        x32 = torch.randn(1, L, D, device=dev, requires_grad=True)
+        xb = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        e = torch.randn(1, 2, D, device=dev, requires_grad=True)
+        w = torch.randn(D, device=dev, requires_grad=True)
+        ang = torch.rand(L, D // H // 2, device=dev)
+        cos, sin = ang.cos(), ang.sin()
+        ops = [  # name, run, bytes fwd (x in, y out), bytes bwd (x, dy in, dx out)
+            ("ln_modulate fp32->bf16", lambda: N.ln_modulate(x32, *e.chunk(2, dim=1), 1e-6, torch.bfloat16),
+             L * D * (4 + 2), L * D * (4 + 2 + 4), [x32, e]),
+            ("qk_norm_rope bf16", lambda: R.qk_norm_rope(xb, w, H, 1e-6, cos, sin),
+             L * D * (2 + 2) + 2 * cos.numel() * 4, L * D * (2 + 2 + 2) + 2 * cos.numel() * 4, [xb, w]),
+        ]
+        for name, fn, b_f, b_b, leaves in ops:
+            with torch.no_grad():
+                ms_f = timer(fn)
+            y = fn()
+            dy = torch.randn_like(y)
+            ms_b = timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
+            line = []
+            for tag, ms, nbytes in (("fwd", ms_f, b_f), ("bwd", ms_b, b_b)):
+                buf = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+                ms_c = timer(lambda: buf.clone())
+                line.append(f"{tag} {nbytes / ms / 1e6:7.0f} GB/s (copy {nbytes / ms_c / 1e6:7.0f}, "
+                            f"{ms_c / ms:4.0%} of it)")
+            print(f"  L={L:6d} {name:24s} " + "   ".join(line))
+
+
+def dit_latency(dev, tiny):
+    """One DiT forward at 14B width (random bf16 weights, 480p x 81 frames), and what 1 step and 50 CFG steps cost."""
+    from model import PRESETS, WanConfig, WanModel
+    cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else PRESETS["i2v-14B"]
+    F_, H, W = (2, 4, 4) if tiny else (21, 60, 104)  # latent of 81 frames at 832x480
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    with torch.device(dev):
+        m = WanModel(cfg).to(dt).eval()
+        x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
+        ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
+        t = torch.tensor([999])
+    with torch.no_grad():
+        ms = timer(lambda: m(x, t, ctx, clip, y))
+    print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {F_ * H * W // 4} tokens, {dt}: {ms:.1f} ms per NFE; "
+          f"1 step (1 NFE) {ms / 1e3:.2f} s vs 50 steps with CFG (100 NFE, from the per-NFE time) {ms / 10:.1f} s")
+
+
+def kernels_bench(tiny):
+    """The whole GPU measurement; tiny: the same code at tiny sizes on CPU under TRITON_INTERPRET=1."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not (tiny and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise SystemExit("bench.py kernels needs a CUDA GPU; --tiny runs it on CPU under the Triton interpreter")
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
+    check_attention(dev, dt, tiny)
+    bench_attention(dev, dt, tiny)
+    bench_fused(dev, tiny)
+    dit_latency(dev, tiny)
 
 
 def rss_peak():
@@ -155,7 +304,7 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory", "train-memory"])
+    p.add_argument("what", choices=["dit", "load", "memory", "train-memory", "kernels"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
@@ -170,6 +319,7 @@ if __name__ == "__main__":
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--sp", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
+    p.add_argument("--tiny", action="store_true", help="kernels: tiny sizes on CPU under the Triton interpreter")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
@@ -182,5 +332,9 @@ if __name__ == "__main__":
         memory(a)
     elif a.what == "train-memory":
         train_memory(a)
+    elif a.what == "kernels":
+        if a.tiny:
+            os.environ["TRITON_INTERPRET"] = "1"  # before kernels (and triton) are imported
+        kernels_bench(a.tiny)
     else:
         dit_child(a) if a.child else dit(a)

@@ -271,8 +271,11 @@ class WanModel(nn.Module):
         if y is not None:
             x = torch.cat([x, y], dim=1)  # (B, 36, F, H, W): noisy | mask | condition latent
         cdt = self.patch_embedding.weight.dtype
-        B, _, F_, H, W = x.shape
+        B, C, F_, H, W = x.shape
         pt, ph, pw = cfg.patch_size
+        if C != cfg.in_dim or F_ % pt or H % ph or W % pw:
+            raise ValueError(f"latent {tuple(x.shape)} (with y): need {cfg.in_dim} channels and F, H, W divisible "
+                             f"by the patch {cfg.patch_size}")
         grid = (F_ // pt, H // ph, W // pw)
         x = self.patch_embedding(x.to(cdt)).flatten(2).transpose(1, 2).float()  # (B, L, D), raster (f, h, w)
         cos, sin = rope_angles(cfg.dim // cfg.num_heads, grid, x.device)

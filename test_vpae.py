@@ -270,6 +270,8 @@ def test_bad_inputs_are_clear():
         m(x, t, ctx)
     with pytest.raises(ValueError, match="at most text_len"):
         m(x, t, torch.zeros(2, cfg.text_len + 1, cfg.text_dim), **kw)
+    with pytest.raises(ValueError, match="divisible by the patch"):
+        m(x[..., :5], t, ctx, clip_fea=kw["clip_fea"], y=kw["y"][..., :5])
 
 
 def test_loading_peak_memory(tmp_path):
@@ -1512,6 +1514,228 @@ def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
     assert p.returncode == 0 and "checkpoint saved" in text, text[-3000:]
     ckpts = [d for d in os.listdir(out) if d.startswith("ckpt_")]
     assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp") and int(ckpts[0][5:]) < 1000
+
+
+# =============================================================================
+# kernels/: every Triton op against its _ref, on CPU under the interpreter (in a fresh process, see
+# test_triton_interpreter_run) or compiled on a GPU; bf16 attention only on a GPU (the interpreter's bf16 dot is broken)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA GPU")
+
+
+def _triton_matches_device():
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    import kernels
+    if not kernels.HAVE_TRITON:
+        return False
+    interpreted = isinstance(tl.zeros, InterpretedFunction)
+    return interpreted == kernels._attention.INTERPRET == (DEV == "cpu")
+
+
+@pytest.fixture
+def K(monkeypatch):
+    """The kernels package with the Triton path forced (`MODE` is put back after the test)."""
+    import kernels
+    if not _triton_matches_device():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; test_in_fresh_process runs these")
+    monkeypatch.setattr(kernels, "MODE", "triton")
+    return kernels
+
+
+def test_triton_interpreter_run():
+    """Without a GPU, the kernel tests need TRITON_INTERPRET=1 before triton is first imported: run them in a
+    fresh process (setting it here would also route every other CPU test through the slow interpreter)."""
+    if _triton_matches_device():
+        pytest.skip("the kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_kernel_",
+                        os.path.abspath(__file__)], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _grads(out, inputs, seed=0):
+    g = torch.Generator(device=out.device).manual_seed(seed)
+    dy = torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, dy), dy
+
+
+def _check(got, want, tol):
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def _randn(*shape, gen, dtype=torch.float32, scale=1.0, shift=0.0):
+    return (shift + scale * torch.randn(*shape, generator=gen)).to(DEV, dtype).requires_grad_()
+
+
+def _compare_attention(K, dtype, D, Lq, Lk, k_lens, tol, B=2, H=2):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (_randn(B, L, H, D, gen=g, dtype=dtype) for L in (Lq, Lk, Lk))
+    k_lens = torch.tensor(k_lens, device=DEV) if k_lens is not None else None
+    o = K.attention(q, k, v, k_lens)
+    assert o.dtype == dtype and o.shape == q.shape
+    grads, do = _grads(o, (q, k, v))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]  # the reference in fp64 on the same inputs
+    o_ref = K.attention_ref(*ref, k_lens)
+    _check((o, *grads), (o_ref, *torch.autograd.grad(o_ref, ref, do.double())), tol)
+    return o, grads
+
+
+@pytest.mark.parametrize("dtype,D,Lq,Lk,k_lens", [
+    (torch.float32, 64, 77, 77, None),
+    (torch.float32, 128, 130, 33, [33, 5]),  # cross-attention shape, and a sample with k_lens < Lk
+    (torch.float16, 64, 1, 130, [130, 77]),
+    (torch.float16, 128, 77, 16, None),
+    (torch.float32, 80, 33, 77, [0, 50]),  # CLIP's head dim (padded to 128), and a sample with no key
+    (torch.float16, 80, 20, 20, None),
+])
+def test_kernel_attention(K, dtype, D, Lq, Lk, k_lens):
+    o, (dq, dk, dv) = _compare_attention(K, dtype, D, Lq, Lk, k_lens, 1e-4 if dtype == torch.float32 else 2e-3)
+    if k_lens is not None and k_lens[0] == 0:  # no key: output 0, no gradient, no NaN
+        assert o[0].abs().max() == 0 and dq[0].abs().max() == 0 and dk[0].abs().max() == 0
+    if k_lens is not None:  # masked keys get no gradient
+        assert dk[1, k_lens[1]:].abs().max() == 0 and dv[1, k_lens[1]:].abs().max() == 0
+
+
+@gpu
+@pytest.mark.parametrize("D,Lq,Lk,k_lens", [(128, 1000, 1000, [1000, 333]), (128, 777, 512, None),
+                                            (64, 130, 77, None), (80, 257, 257, [257, 0])])
+def test_kernel_attention_bf16(K, D, Lq, Lk, k_lens):
+    _compare_attention(K, torch.bfloat16, D, Lq, Lk, k_lens, 2e-2, H=4)
+
+
+def test_kernel_attention_strided(K):
+    # q, k, v as views into one fused qkv projection [B, L, 3, H, D], and a transposed upstream gradient:
+    # the kernel must read them through their strides
+    g = torch.Generator().manual_seed(0)
+    qkv = _randn(2, 37, 3, 2, 64, gen=g)
+    do = torch.randn(2, 2, 37, 64, generator=g).to(DEV).transpose(1, 2)
+    o = K.attention(*qkv.unbind(2))
+    grad = torch.autograd.grad(o, qkv, do)[0]
+    qkv_ref = qkv.detach().double().requires_grad_()
+    o_ref = K.attention_ref(*qkv_ref.unbind(2))
+    _check((o, grad), (o_ref, torch.autograd.grad(o_ref, qkv_ref, do.double())[0]), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope", [True, False])
+def test_kernel_qk_norm_rope(K, dtype, rope, monkeypatch):
+    monkeypatch.setattr(K._qk_norm_rope, "TILE", 1024)  # 16 tokens per tile, as on a GPU at this width
+    B, L, H, hd = 2, 37, 3, 16  # D = 48: half the width is not a power of two; 37 tokens: 3 tiles of 16
+    g = torch.Generator().manual_seed(0)
+    xw = _randn(B, L, 2 * H * hd, gen=g, dtype=dtype)
+    x = xw[..., H * hd:]  # a strided view (row stride 2D), as from a fused projection
+    w = _randn(H * hd, gen=g, scale=0.3, shift=1.0)
+    ang = torch.rand(L, hd // 2, generator=g).to(DEV) * 2 * math.pi
+    cs = (ang.cos(), ang.sin()) if rope else (None, None)
+    y = K.qk_norm_rope(x, w, H, 1e-6, *cs)
+    assert y.shape == (B, L, H, hd) and y.dtype == dtype
+    grads, dy = _grads(y, (xw, w))
+    y_ref = K.qk_norm_rope_ref(x, w, H, 1e-6, *cs)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    _check((y, *grads), (y_ref, *torch.autograd.grad(y_ref, (xw, w), dy)), tol)
+
+
+@pytest.mark.parametrize("dtype,L,H", [(torch.float32, 5, 2)] + ([(torch.bfloat16, 300, 40)] if DEV == "cuda" else []))
+def test_kernel_qk_norm_rope_head_dim_128(K, dtype, L, H):
+    g = torch.Generator().manual_seed(0)
+    x, w = _randn(1, L, H * 128, gen=g, dtype=dtype), _randn(H * 128, gen=g)
+    ang = torch.rand(L, 64, generator=g).to(DEV) * 2 * math.pi
+    y = K.qk_norm_rope(x, w, H, 1e-6, ang.cos(), ang.sin())
+    grads, dy = _grads(y, (x, w))
+    y_ref = K.qk_norm_rope_ref(x, w, H, 1e-6, ang.cos(), ang.sin())
+    _check((y, *grads), (y_ref, *torch.autograd.grad(y_ref, (x, w), dy)), 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype,out_dtype,D", [(torch.float32, None, 40), (torch.float32, torch.float16, 40),
+                                               (torch.float32, torch.bfloat16, 40), (torch.bfloat16, None, 40),
+                                               (torch.float16, None, 40),
+                                               (torch.float32, torch.bfloat16, 5120)])
+def test_kernel_ln_modulate(K, dtype, out_dtype, D, monkeypatch):
+    monkeypatch.setattr(K._norm, "TILE", 1024)  # 16 tokens per tile at D = 40, as on a GPU
+    B, L = 2, 37  # 37 tokens: several row tiles, strided over two programs in the backward
+    g = torch.Generator().manual_seed(0)
+    x = _randn(B, L, D, gen=g, dtype=dtype, scale=2.0, shift=3.0)
+    e = _randn(B, 6, D, gen=g)
+    shift = e.chunk(6, dim=1)[2]  # (B, 1, D), strided like the model's modulation chunks
+    scale = _randn(1, 1, D, gen=g, scale=0.5)  # broadcast over the batch
+    y = K.ln_modulate(x, shift, scale, 1e-6, out_dtype)
+    assert y.dtype == (out_dtype or dtype) and y.shape == x.shape
+    grads, dy = _grads(y, (x, e, scale))
+    y_ref = K.ln_modulate_ref(x, shift, scale, 1e-6, out_dtype)
+    tol = 1e-5 if y.dtype == torch.float32 and dtype == torch.float32 else 2e-2
+    _check((y, *grads), (y_ref, *torch.autograd.grad(y_ref, (x, e, scale), dy)), tol)
+
+
+def test_kernel_dispatch(K, monkeypatch):
+    q = torch.randn(1, 5, 2, 16, device=DEV)
+    for mode, want in (("torch", False), ("triton", True), ("auto", True)):
+        monkeypatch.setattr(K, "MODE", mode)
+        assert K.use_triton(q) is want
+        torch.testing.assert_close(K.attention(q, q, q), K.attention_ref(q, q, q))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(K, "MODE", "auto")  # CPU tensors without the interpreter: the reference
+    assert not K.use_triton(q.cpu())
+    monkeypatch.setattr(K, "MODE", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        K.use_triton(q.cpu())
+
+
+def test_kernel_errors_say_what_is_wrong(K):
+    q = torch.randn(1, 5, 2, 16, device=DEV)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="k_lens must have shape"):
+        K.attention(q, q, q, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"cos/sin must be \[L, head_dim/2\]"):
+        K.qk_norm_rope(q.flatten(2), torch.ones(32, device=DEV), 2, 1e-6, *torch.ones(2, 5, 4, device=DEV))
+    with pytest.raises(ValueError, match="shift, scale"):
+        K.ln_modulate(q.flatten(2), q[:, :2].flatten(2), q[:, :1].flatten(2), 1e-6)
+
+
+def test_kernel_without_triton():
+    # a machine without Triton still imports kernels and runs the references; forcing Triton says why it cannot
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels\n"
+            "assert not kernels.HAVE_TRITON\n"
+            "q = torch.randn(1, 3, 2, 8); kernels.attention(q, q, q)\n"
+            "kernels.MODE = 'triton'\n"
+            "try:\n    kernels.attention(q, q, q)\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VPAE_KERNELS")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "refused: VPAE_KERNELS=triton but Triton is not installed" in r.stdout, r.stderr
+
+
+def test_kernel_bench_tiny(K):
+    import bench
+    bench.kernels_bench(tiny=True)
+
+
+def test_kernel_tiny_model_kernels_vs_torch(K, monkeypatch):
+    torch.manual_seed(0)
+    m = M.WanModel(M.PRESETS["tiny"]).to(DEV)
+    with torch.no_grad():
+        for p in m.parameters():  # all random: the official init zeroes the head, which would hide bugs
+            p.normal_(0, 0.5 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1)
+    cfg = m.cfg
+    x, ctx = torch.randn(2, cfg.in_dim, 2, 4, 6, device=DEV), torch.randn(2, 7, cfg.text_dim, device=DEV)
+    t = torch.tensor([999, 250], device=DEV)
+    outs, calls = {}, []
+    for mod, name in ((K._attention, "flash_attention"), (K._norm, "ln_modulate"), (K._qk_norm_rope, "qk_norm_rope")):
+        f = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, f=f, **kw: calls.append(f.__name__) or f(*a, **kw))
+    for mode in ("torch", "triton"):
+        monkeypatch.setattr(K, "MODE", mode)
+        m.zero_grad()
+        out = m(x, t, ctx)
+        out.square().mean().backward()
+        outs[mode] = [out.detach()] + [p.grad.clone() for p in m.parameters()]
+    assert {"flash_attention", "ln_modulate", "qk_norm_rope"} == set(calls)  # only the triton run calls them
+    _check(outs["triton"], outs["torch"], 1e-4)
 
 
 if __name__ == "__main__" and sys.argv[1] == "sp":

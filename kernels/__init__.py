@@ -19,6 +19,8 @@ except ImportError:  # e.g. CPU-only wheels: the kernel files still import (thei
     triton = SimpleNamespace(jit=lambda f: f, autotune=lambda *a, **k: (lambda f: f), Config=lambda *a, **k: None)
     tl = SimpleNamespace(constexpr=None)
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as triton reads it when the kernels are defined
+
 from . import attention as _attention, norm as _norm, qk_norm_rope as _qk_norm_rope  # noqa: E402 (needs triton/tl)
 from .attention import attention_ref  # noqa: E402
 from .norm import ln_modulate_ref  # noqa: E402
@@ -36,7 +38,8 @@ def use_triton(x: torch.Tensor) -> bool:
     if MODE == "auto":
         return HAVE_TRITON and (x.is_cuda or interpret)
     if not HAVE_TRITON:
-        raise RuntimeError("VPAE_KERNELS=triton but Triton is not installed: pip install triton, or use VPAE_KERNELS=auto")
+        raise RuntimeError("VPAE_KERNELS=triton but Triton is not installed: "
+                           "pip install triton, or use VPAE_KERNELS=auto")
     if not (x.is_cuda or interpret):
         raise RuntimeError("VPAE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
     return True
@@ -44,7 +47,8 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def attention(q, k, v, k_lens=None):
     """softmax(q k^T / sqrt(D)) v on [B, L, H, D]; keys at positions >= k_lens[b] are masked."""
-    if use_triton(q):
+    # the interpreter's bf16 tl.dot is wrong (triton #11584): under auto, bf16 on CPU takes the reference
+    if use_triton(q) and (q.is_cuda or q.dtype != torch.bfloat16 or MODE == "triton"):
         return _attention.flash_attention(q, k, v, k_lens)
     return attention_ref(q, k, v, k_lens)
 

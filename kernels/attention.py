@@ -14,21 +14,17 @@ fp16/bf16 dots accumulate in fp32; fp32 inputs use IEEE fp32 dots on a GPU (no T
 for checks, the model runs it in bf16). The softmax is in fp32 and base 2. Output in the input dtype.
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from . import triton, tl
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
+from . import INTERPRET, tl, triton
 
 
 def _configs(gpu):
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter cannot autotune over several configs,
-    # and small blocks keep it fast there.
-    cfgs = [(16, 16, 4, 1)] if INTERPRET else gpu
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages), tuned per (Lq, Lk, head dim, dtype) on a GPU. The interpreter
+    # cannot autotune over several configs; its cost is per op and loop step, so it gets one mid-sized config.
+    cfgs = [(32, 64, 4, 1)] if INTERPRET else gpu
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
 
 
@@ -161,7 +157,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, skn, svn, lo, hi, klen, qk_
         k = tl.load(k_ptrs + start_n * skn, mask=kv_mask, other=0.0)  # (N, Dp)
         v = tl.load(v_ptrs + start_n * svn, mask=kv_mask, other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])  # (M, N)
-        if MASK:
+        if MASK:  # masked keys load k = 0, so they add nothing to dQ; this keeps an overflowing exp2 from 0 * inf
             p = tl.where(((start_n + offs_n) < klen)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -233,7 +229,7 @@ def _flash_bwd(do, q, k, v, o, lse, k_lens):
     dk, dv = torch.empty(k.shape, device=k.device, dtype=k.dtype), torch.empty(v.shape, device=v.device, dtype=v.dtype)
     delta = torch.empty_like(lse)
     meta, kl, scale = _meta(q, k_lens), (k_lens if k_lens is not None else lse), 1.0 / math.sqrt(D)
-    bm = 16 if INTERPRET else 64
+    bm = 32 if INTERPRET else 64
     _bwd_delta_kernel[(triton.cdiv(Lq, bm), B * H)](o, do, delta, *_strides(o), *_strides(do), H, Lq,
                                                     HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=bm)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
@@ -259,16 +255,20 @@ class _FlashAttention(torch.autograd.Function):
 
 def flash_attention(q, k, v, k_lens=None):
     """Triton path of `attention`: q [B,Lq,H,D], k/v [B,Lk,H,D], k_lens [B] int or None -> [B,Lq,H,D]."""
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention wants q [B,Lq,H,D] and k, v [B,Lk,H,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if torch.is_autocast_enabled(q.device.type):  # behave like SDPA under autocast: run in the autocast dtype
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"attention wants q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"attention wants q, k, v of one dtype among fp16/bf16/fp32; "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256 or q.shape[0] * q.shape[2] > 65535:
         raise ValueError(f"attention supports head_dim <= 256 and B*H <= 65535; got {tuple(q.shape)}")
+    if INTERPRET and q.dtype == torch.bfloat16 and not q.is_cuda:
+        raise TypeError("attention: the Triton interpreter computes bf16 dots wrongly (triton #11584); "
+                        "use fp32/fp16 on CPU or VPAE_KERNELS=auto")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if k_lens is not None:
         if k_lens.shape != (q.shape[0],):

@@ -1,6 +1,6 @@
 """q/k RMSNorm across heads + Wan's interleaved 3D RoPE, fused.
 
-One pass per token row: read x [D] once, take the RMS over the full model width D (all heads at once,
+One pass per token: read x [D] once, take the RMS over the full model width D (all heads at once,
 in fp32), multiply by the weight, rotate each pair (2j, 2j+1) of every head by angle j of that token
 (cos/sin tables [L, D/H/2], the same for all heads; GPT-J style, not rotate-half) and write the result
 as [B, L, H, D/H] in x's dtype. The unfused version reads and writes the [B, L, D] activation three times
@@ -11,51 +11,68 @@ Reference: Wan2.1 WanRMSNorm + rope_apply (spec section 1.4-1.5), `qk_norm_rope_
 """
 import torch
 
-from . import triton, tl
+from . import INTERPRET, tl, triton
+
+# elements per program tile; the interpreter's cost is per program and per op, not per element
+TILE = 1 << 16 if INTERPRET else 4096
+
+
+@triton.jit
+def _tile(D, HALF_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # offsets of a (ROWS tokens, BLOCK pairs, 2) tile: each pair (2j, 2j+1) is contiguous in memory
+    r = tl.arange(0, ROWS)
+    j = tl.arange(0, BLOCK)
+    pair = j[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK, 2) offsets within a row
+    return r, j % HALF_DH, pair, j < D // 2
+
+
+@triton.jit
+def _rotate(y, COS, SIN, rows, jh, mask2, scl, sign):
+    # rotate every pair of a (ROWS, BLOCK, 2) tile by its token's angle (times sign: -1 is the inverse)
+    c = tl.load(COS + rows[:, None] * scl + jh[None, :], mask=mask2, other=0.0)
+    s = tl.load(SIN + rows[:, None] * scl + jh[None, :], mask=mask2, other=0.0) * sign
+    y0, y1 = tl.split(y)
+    return tl.join(y0 * c - y1 * s, y0 * s + y1 * c)
 
 
 @triton.jit
 def _fwd_kernel(X, W, COS, SIN, Y, sxb, sxl, scl, L, D, eps,
-                HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
-    l, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # token (b, l)
-    j = tl.arange(0, BLOCK)  # pair index over the full width
-    pair = j[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK, 2) element offsets
-    mask = (j < D // 2)[:, None]
-    x = tl.load(X + b * sxb + l * sxl + pair, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 1), 0) / D + eps)
-    y = x * rstd * tl.load(W + pair, mask=mask, other=0.0).to(tl.float32)
+                HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    r, jh, pair, jmask = _tile(D, HALF_DH, ROWS, BLOCK)
+    rows = tl.program_id(0) * ROWS + r  # tokens of sample b
+    mask2 = (rows < L)[:, None] & jmask[None, :]
+    mask = mask2[:, :, None]
+    x = tl.load(X + b * sxb + rows[:, None, None] * sxl + pair[None], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 2), 1) / D + eps)  # (ROWS,)
+    y = x * rstd[:, None, None] * tl.load(W + pair, mask=jmask[:, None], other=0.0).to(tl.float32)[None]
     if HAS_ROPE:
-        c = tl.load(COS + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
-        s = tl.load(SIN + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
-        y0, y1 = tl.split(y)
-        y = tl.join(y0 * c - y1 * s, y0 * s + y1 * c)
-    tl.store(Y + (b * L + l) * D + pair, y.to(Y.dtype.element_ty), mask=mask)
+        y = _rotate(y, COS, SIN, rows, jh, mask2, scl, 1.0)
+    tl.store(Y + (b * L + rows[:, None, None]) * D + pair[None], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd_kernel(X, W, COS, SIN, DY, DX, DW, sxb, sxl, scl, L, D, eps, n_prog,
-                HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
+                HALF_DH: tl.constexpr, HAS_ROPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    j = tl.arange(0, BLOCK)
-    pair = j[:, None] * 2 + tl.arange(0, 2)[None, :]
-    mask = (j < D // 2)[:, None]
-    w = tl.load(W + pair, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK, 2], tl.float32)
-    for l in range(pid, L, n_prog):  # a strided set of this sample's tokens; dW partial summed across them
-        x = tl.load(X + b * sxb + l * sxl + pair, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + (b * L + l) * D + pair, mask=mask, other=0.0).to(tl.float32)
+    r, jh, pair, jmask = _tile(D, HALF_DH, ROWS, BLOCK)
+    w = tl.load(W + pair, mask=jmask[:, None], other=0.0).to(tl.float32)[None]
+    dw = tl.zeros([ROWS, BLOCK, 2], tl.float32)
+    for start in range(pid * ROWS, L, n_prog * ROWS):  # a strided set of this sample's token tiles
+        rows = start + r
+        mask2 = (rows < L)[:, None] & jmask[None, :]
+        mask = mask2[:, :, None]
+        x = tl.load(X + b * sxb + rows[:, None, None] * sxl + pair[None], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + (b * L + rows[:, None, None]) * D + pair[None], mask=mask, other=0.0).to(tl.float32)
         if HAS_ROPE:  # the rotation is orthogonal: its backward rotates by -angle
-            c = tl.load(COS + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
-            s = tl.load(SIN + l * scl + j % HALF_DH, mask=j < D // 2, other=0.0)
-            d0, d1 = tl.split(dy)
-            dy = tl.join(d0 * c + d1 * s, d1 * c - d0 * s)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 1), 0) / D + eps)
+            dy = _rotate(dy, COS, SIN, rows, jh, mask2, scl, -1.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 2), 1) / D + eps)[:, None, None]
         xhat = x * rstd
         dw += dy * xhat
         g = dy * w
-        dx = rstd * (g - xhat * (tl.sum(tl.sum(g * xhat, 1), 0) / D))
-        tl.store(DX + (b * L + l) * D + pair, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + (b * n_prog + pid) * D + pair, dw, mask=mask)  # partials [B, n_prog, D]
+        dx = rstd * (g - xhat * (tl.sum(tl.sum(g * xhat, 2), 1) / D)[:, None, None])
+        tl.store(DX + (b * L + rows[:, None, None]) * D + pair[None], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + (b * n_prog + pid) * D + pair, tl.sum(dw, 0), mask=jmask[:, None])  # partials [B, n_prog, D]
 
 
 def _launch_args(x, weight, num_heads, cos, sin):
@@ -70,9 +87,10 @@ def _launch_args(x, weight, num_heads, cos, sin):
                              f"{tuple(cos.shape)}, {tuple(sin.shape)}")
         cos, sin = (t.to(torch.float32).contiguous() for t in (cos, sin))
     block = triton.next_power_of_2(D // 2)
-    warps = max(1, min(16, 2 * block // 256))  # about 8 elements per thread
+    rows = max(1, TILE // (2 * block))  # several tokens per program at small widths, one at D = 5120
+    warps = max(1, min(16, 2 * rows * block // 256))  # about 8 elements per thread
     rope = (cos, sin) if cos is not None else (weight, weight)  # placeholders, never read without RoPE
-    return rope, dict(HALF_DH=half, HAS_ROPE=cos is not None, BLOCK=block, num_warps=warps)
+    return rope, dict(HALF_DH=half, HAS_ROPE=cos is not None, ROWS=rows, BLOCK=block, num_warps=warps)
 
 
 class _QKNormRope(torch.autograd.Function):
@@ -81,7 +99,8 @@ class _QKNormRope(torch.autograd.Function):
         B, L, D = x.shape
         (c, s), meta = _launch_args(x, weight, num_heads, cos, sin)
         y = torch.empty(B, L, num_heads, D // num_heads, device=x.device, dtype=x.dtype)
-        _fwd_kernel[(L, B)](x, weight, c, s, y, x.stride(0), x.stride(1), c.stride(0), L, D, eps, **meta)
+        grid = (triton.cdiv(L, meta["ROWS"]), B)
+        _fwd_kernel[grid](x, weight, c, s, y, x.stride(0), x.stride(1), c.stride(0), L, D, eps, **meta)
         ctx.save_for_backward(x, weight, c, s)
         ctx.num_heads, ctx.eps, ctx.has_rope = num_heads, eps, cos is not None
         return y
@@ -92,7 +111,8 @@ class _QKNormRope(torch.autograd.Function):
         B, L, D = x.shape
         _, meta = _launch_args(x, weight, ctx.num_heads, None, None)
         meta["HAS_ROPE"] = ctx.has_rope
-        n_prog = min(L, 1024 // B + 1) if x.is_cuda else min(L, 2)  # about a thousand programs on a GPU
+        tiles = triton.cdiv(L, meta["ROWS"])
+        n_prog = min(tiles, 1024 // B + 1) if x.is_cuda else min(tiles, 2)  # about a thousand programs on a GPU
         dx = torch.empty(B, L, D, device=x.device, dtype=x.dtype)
         dw = torch.empty(B, n_prog, D, device=x.device, dtype=torch.float32)
         _bwd_kernel[(n_prog, B)](x, weight, c, s, dy.contiguous(), dx, dw, x.stride(0), x.stride(1), c.stride(0),
