@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -75,6 +76,7 @@ class Config:
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
     export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) [ours]
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
+    tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
 
 
 def parse_args(argv):
@@ -473,6 +475,13 @@ def main(argv):
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # preemption: save, then exit
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    tb = None
+    if cfg.tensorboard and master:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(os.path.join(cfg.out, "tb"))
+        except ImportError:
+            print("--tensorboard=true but tensorboard is not installed (pip install tensorboard): logging to log.jsonl only")
     total, sums, n_log, start = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step
 
     def opt_step(name, params):
@@ -537,11 +546,13 @@ def main(argv):
             rec = {"step": step, "phase": phase} | {k: round(v / world, 6) for k, v in zip(sorted(sums), vals.tolist())}
             rec["tokens_per_s"] = round(cfg.batch_size * tokens / rec["step_s"], 1)
             rec["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() if device.type == "cuda" else
-                                         __import__("resource").getrusage(0).ru_maxrss * 1024) / 2**30, 3)
+                                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3)
             if master:
                 print(json.dumps(rec), flush=True)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                for k, v in rec.items() if tb else ():
+                    tb.add_scalar(k, v, step)
             sums, n_log = {}, 0
         if step % cfg.ckpt_every == 0 or step == total or flag.item():
             save_ckpt(cfg, m, opts, step, {"step": step, "bad": bad, "rng": rng.get_state(), "loader": loader.state_dict()})
