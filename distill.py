@@ -33,6 +33,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import data as D
 from model import Discriminator, WanModel
+from sample import shift_sigma as shift
 
 
 @dataclass
@@ -102,10 +103,6 @@ def parse_args(argv):
 # flow-matching helpers (x_s = (1 - s) x0 + s eps, v = eps - x0, t = 1000 s)
 
 
-def shift(s, k):
-    return k * s / (1 + (k - 1) * s)
-
-
 def bcast(s):
     return s.view(-1, 1, 1, 1, 1)
 
@@ -116,6 +113,11 @@ def noise_like(x, rng):
 
 def uniform(n, lo, hi, rng, device):
     return lo + (hi - lo) * torch.rand(n, generator=rng, device=device)
+
+
+def renoise_sigma(n, k, rng, device):
+    """sigma = shift(u, k), u ~ U[0.02, 0.98]: the re-noising level of DMD, C-SDS and the discriminator."""
+    return shift(uniform(n, 0.02, 0.98, rng, device), k)
 
 
 class LoRA(nn.Module):
@@ -199,7 +201,7 @@ def phase1_step(cfg, m, batch, rng):
     s_g = uniform(B, cfg.sigma_g_min, 1.0, rng, dev)
     x_in = (1 - bcast(s_g)) * x0 + bcast(s_g) * noise_like(x0, rng)
     x0_hat = x_in - bcast(s_g) * run(m.gen, x_in, s_g, cond)
-    s = shift(uniform(B, 0.02, 0.98, rng, dev), cfg.shift)
+    s = renoise_sigma(B, cfg.shift, rng, dev)
     x_s = (1 - bcast(s)) * x0_hat.detach() + bcast(s) * noise_like(x0, rng)
     with torch.no_grad():
         x0_real = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
@@ -211,7 +213,7 @@ def phase1_step(cfg, m, batch, rng):
     loss_f = 0.0
     m.lora["on"] = True
     for _ in range(cfg.k_fake):
-        s2 = shift(uniform(B, 0.02, 0.98, rng, dev), cfg.shift)
+        s2 = renoise_sigma(B, cfg.shift, rng, dev)
         eps = noise_like(x0, rng)
         x_s2 = (1 - bcast(s2)) * x0_hat.detach() + bcast(s2) * eps
         lf = F.mse_loss(run(m.teacher, x_s2, s2, cond), eps - x0_hat.detach()) / cfg.k_fake
@@ -223,7 +225,7 @@ def phase1_step(cfg, m, batch, rng):
 
 def noisy_d(cfg, xs, rng):
     """Noise each of the tensors xs at one shared sigma_d = shift(u, disc_shift) per sample."""
-    s = shift(uniform(xs[0].shape[0], 0.02, 0.98, rng, xs[0].device), cfg.disc_shift)
+    s = renoise_sigma(xs[0].shape[0], cfg.disc_shift, rng, xs[0].device)
     return [(1 - bcast(s)) * x + bcast(s) * noise_like(x, rng) for x in xs], s
 
 
@@ -260,7 +262,7 @@ def phase2_g_step(cfg, m, batch, rng):
     x0_hat = eps - run(m.gen, eps, torch.ones(B, device=dev), cond)
     (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)
     loss_adv = -disc(m, fake_d, s_d, cond).mean()
-    s = shift(uniform(B, 0.02, 0.98, rng, dev), cfg.shift)
+    s = renoise_sigma(B, cfg.shift, rng, dev)
     with torch.no_grad():
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
         target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
