@@ -8,6 +8,7 @@ I2V or T2V follows the checkpoint's config.json. The I2V condition is built as t
 Under torchrun (WORLD_SIZE > 1) the DiT runs with Ulysses sequence parallelism over the ranks.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -197,6 +198,15 @@ def prepare(args):
         log(f"using the bundled demo model {DEFAULT_CKPT} (tiny, moving shapes only); "
             "for real videos pass --ckpt_dir with the official Wan2.1 weights")
     cfg = load_config(args.ckpt_dir)
+    with open(os.path.join(args.ckpt_dir, "config.json")) as f:  # toy.py's demo names its student, size, ...
+        demo = json.load(f).get("vpae_demo", {})
+    if demo.get("student") and args.student is None and not args.teacher:
+        args.student = os.path.join(args.ckpt_dir, demo["student"])
+    for k, official in (("prompt", ""), ("frames", 81), ("size", "832*480"), ("shift", None), ("guide_scale", 5.0)):
+        if getattr(args, k) is None:
+            setattr(args, k, demo.get(k, official))
+    if demo.get("prompt") == args.prompt:
+        log(f'prompt: "{args.prompt}" (the demo\'s; it knows "a <colour> <shape> moving <up|down|left|right>")')
     model_type, world = cfg.model_type, dist.get_world_size() if dist.is_initialized() else 1
     if cfg.num_heads % world:
         raise ValueError(f"{world} ranks cannot split the {cfg.num_heads} attention heads: use a divisor of it")
@@ -291,16 +301,16 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", help="official Wan2.1 checkpoint directory (default: the bundled demo, if present)")
     p.add_argument("--image", help="I2V: the first frame (PNG/JPEG); leave out for T2V")
-    p.add_argument("--prompt", default="", help="the text prompt")
+    p.add_argument("--prompt", help="the text prompt")
     p.add_argument("--student", help="a distilled DiT: one .safetensors file with official key names")
     p.add_argument("--steps", type=int, help="DiT steps (default 1: the one-step student; 50 with --teacher)")
     p.add_argument("--teacher", action="store_true", help="the baseline: the checkpoint's DiT, Euler ODE with CFG")
-    p.add_argument("--guide_scale", type=float, default=5.0, help="CFG scale of --teacher (default 5.0)")
+    p.add_argument("--guide_scale", type=float, help="CFG scale of --teacher (default 5.0, or the demo's)")
     p.add_argument("--negative_prompt", help="CFG negative prompt (default: Wan's, with the I2V prefix for I2V)")
     p.add_argument("--shift", type=float, help="sigma shift (default: i2v 3.0 at 832*480 / 480*832, else 5.0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--frames", type=int, default=81, help="number of frames, 4n+1 (default 81: 5 s at 16 fps)")
-    p.add_argument("--size", default="832*480", help="W*H (default 832*480); I2V: the area, at the image's shape")
+    p.add_argument("--frames", type=int, help="number of frames, 4n+1 (default 81: 5 s at 16 fps)")
+    p.add_argument("--size", help="W*H (default 832*480); I2V: the area, at the image's shape")
     p.add_argument("--out", help="output .mp4 (default: named after the prompt, sampler and seed)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--offload", action="store_true", help="keep each model on the GPU only while it runs")
