@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import imageio.v2 as imageio
@@ -1259,7 +1260,7 @@ def test_student_weights(i2v_ckpt, image, tmp_path):
         sample.main(args + ["--student", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "no.mp4")])
 
 
-def test_user_errors(i2v_ckpt, t2v_ckpt, image, tmp_path):
+def test_user_errors(i2v_ckpt, t2v_ckpt, image, tmp_path, monkeypatch):
     def err(argv):
         with pytest.raises(SystemExit) as e:
             sample.main(argv)
@@ -1284,8 +1285,8 @@ def test_user_errors(i2v_ckpt, t2v_ckpt, image, tmp_path):
     (tmp_path / "o.mp4").write_bytes(b"mine")
     assert "already exists" in err(["--ckpt_dir", i2v_ckpt, "--image", image] + out)
     assert (tmp_path / "o.mp4").read_bytes() == b"mine"
-    if not os.path.isdir(sample.DEFAULT_CKPT):
-        assert "--ckpt_dir" in err(["--image", image])
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", str(tmp_path / "no_demo"))
+    assert "--ckpt_dir" in err(["--image", image])
 
 
 # -----------------------------------------------------------------------------
@@ -1499,7 +1500,6 @@ def test_distill_stops_on_non_finite_steps(i2v_ckpt, latents, tmp_path):
 
 def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
     import signal
-    import time
     out = str(tmp_path / "term")
     cmd = [sys.executable, os.path.join(HERE, "distill.py")] + DISTILL + [
         f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=1000", "--ckpt_every=1000"]
@@ -1514,6 +1514,106 @@ def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
     assert p.returncode == 0 and "checkpoint saved" in text, text[-3000:]
     ckpts = [d for d in os.listdir(out) if d.startswith("ckpt_")]
     assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp") and int(ckpts[0][5:]) < 1000
+
+
+# -----------------------------------------------------------------------------
+# toy.py: the metrics on hand-made clips, the quick benchmark, the bundled demo
+
+
+def shape_clip(direction="right", colour="red", shape="square", seed=0):
+    return data.synthetic_clip(shape, colour, direction, 17, 64, 64, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("direction", list(data.DIRECTIONS))
+def test_toy_motion_detects_the_direction(direction):
+    import toy
+    v = shape_clip(direction)
+    assert toy.motion_correct(v, "red", direction)
+    assert not any(toy.motion_correct(v, "red", d) for d in data.DIRECTIONS if d != direction)
+    assert not toy.motion_correct(v, "blue", direction)  # no blue shape: nothing to track
+    assert not toy.motion_correct(np.repeat(v[:1], 17, 0), "red", direction)  # a still shape does not move
+
+
+def test_toy_psnr_and_consistency():
+    import toy
+    v = shape_clip()
+    assert toy.psnr(v[0], v[0]) == float("inf")
+    noisy = np.clip(v[0].astype(int) + np.random.default_rng(0).integers(-3, 4, v[0].shape), 0, 255).astype(np.uint8)
+    assert 35 < toy.psnr(v[0], noisy) < 60 and toy.psnr(v[0], v[-1]) < toy.psnr(v[0], noisy)
+    area = toy.colour_mask(v[:1], "red").sum()
+    assert toy.consistency(v, "red", area) == 1.0
+    recoloured, red = v.copy(), toy.colour_mask(v, "red")
+    recoloured[8:][red[8:]] = data.COLOURS["blue"]  # the shape turns blue from frame 8 on
+    assert toy.consistency(recoloured, "red", area) == pytest.approx(8 / 17)
+    assert toy.consistency(v, "red", 2 * area) == 0.0  # the wrong size everywhere
+
+
+def test_toy_frechet_distance():
+    import toy
+    a = np.random.default_rng(0).standard_normal((200, 16))
+    assert abs(toy.frechet(a, a)) < 1e-8
+    assert [toy.frechet(a, a + s) for s in (0.1, 0.5, 1.0)] == pytest.approx([16 * s * s for s in (0.1, 0.5, 1.0)],
+                                                                              rel=1e-6)  # a shift adds |shift|^2
+    assert toy.frechet(a, 2 * a) > 1.0  # and so does a change of spread
+    feats = np.stack([toy.clip_feature(shape_clip(d, seed=i)) for i in range(6) for d in data.DIRECTIONS])
+    assert feats.shape == (24, 16) and abs(toy.frechet(feats, feats)) < 1e-8
+
+
+def test_toy_speeds_share_the_condition():
+    import toy
+    v, caps = toy.make_clips([("circle", "green", "left")], seed=3, speeds=3)
+    assert v.shape == (1, 3, toy.FRAMES, toy.SIZE, toy.SIZE, 3) and caps == ["a green circle moving left"]
+    assert (v[0, 1:, 0] == v[0, :1, 0]).all()  # one first frame
+    assert len({v[0, k, -1].tobytes() for k in range(3)}) > 1  # several futures
+
+
+def test_toy_inflated_vae_works_frame_by_frame():
+    import toy
+    torch.manual_seed(0)
+    v = WanVAE(dim=4).eval()
+    toy.inflate(v)
+    x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = v.encode(x)
+        for k in (1, 2):  # latent frame k holds pixel frame 4k, as if it were a clip's first frame
+            torch.testing.assert_close(z[:, :, k], v.encode(x[:, :, 4 * k:4 * k + 1])[:, :, 0], atol=1e-5, rtol=1e-5)
+        y = v.decode(z)
+        for k in (1, 2):  # and decodes to four copies of one frame
+            assert (y[:, :, 4 * k - 3:4 * k + 1] - y[:, :, 4 * k:4 * k + 1]).abs().max() < 1e-5
+
+
+def test_toy_quick_benchmark(tmp_path):
+    # about 2 minutes on 2 CPU cores: 120 distillation steps of the bundled teacher, then the evaluation;
+    # toy.main exits non-zero when the one-step student does not beat the one-step teacher on FD
+    import toy
+    results = toy.main(["--quick", "--out", str(tmp_path / "quick")])
+    assert np.mean(results["V-PAE student, 1 step"]["fd"]) < np.mean(results["teacher, 1 step, no CFG"]["fd"])
+    assert os.path.isfile(tmp_path / "quick" / "results.md") and os.path.isfile(tmp_path / "quick" / "strip.png")
+
+
+def test_demo_assets_small_and_in_official_layout():
+    demo = sample.DEFAULT_CKPT
+    for f in ("config.json", "diffusion_pytorch_model.safetensors", sample.VAE_FILE, sample.T5_FILE, sample.CLIP_FILE,
+              os.path.join(sample.TOKENIZER_DIR, "tokenizer.json"), "student.safetensors"):
+        assert os.path.isfile(os.path.join(demo, f)), f
+    assets = os.path.join(HERE, "assets")
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(assets) for f in fs) <= 20 * 2**20
+    WanModel.from_pretrained(demo)  # both DiTs load strictly
+    WanModel.from_pretrained(demo, weights=os.path.join(demo, "student.safetensors"))
+
+
+def test_demo_sample_out_of_the_box(tmp_path):
+    # the README's command, in a fresh process: no flag but the image; the demo's student, prompt, size, frames
+    import toy
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--image", os.path.join(HERE, "assets",
+                        "example.png")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t0 < 60
+    assert "using the bundled demo model" in r.stdout and "--ckpt_dir" in r.stdout and "student 1 step" in r.stdout
+    v = read_mp4(str(tmp_path / "a_red_circle_moving_right_student1_seed0.mp4"))
+    assert v.shape == (toy.FRAMES, toy.SIZE, toy.SIZE, 3)
+    assert toy.motion_correct(v, "red", "right")  # the student does what the demo's prompt says
 
 
 # =============================================================================

@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import sys
 import time
 
@@ -413,19 +414,11 @@ def checks(results):
 
 
 def machine():
-    commit = "unknown"
-    try:  # read .git directly (no git process): HEAD -> ref -> commit
-        head = open(os.path.join(ROOT, ".git", "HEAD")).read().strip()
-        ref = head[5:] if head.startswith("ref: ") else None
-        if ref and os.path.isfile(os.path.join(ROOT, ".git", ref)):
-            commit = open(os.path.join(ROOT, ".git", ref)).read().strip()[:7]
-        elif ref:
-            packed = open(os.path.join(ROOT, ".git", "packed-refs")).read().split("\n")
-            commit = next(line.split()[0][:7] for line in packed if line.endswith(" " + ref))
-        else:
-            commit = head[:7]
-    except (OSError, StopIteration):
-        pass
+    try:  # "-dirty" when the working tree differs from the commit
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
     return {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": cpu_name(), "commit": commit}
 
