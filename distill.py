@@ -64,6 +64,7 @@ class Config:
     disc_width: int = 1024  # head width [ours]
     semantic: bool = True  # the semantic self-attention over image/text tokens in each head [paper]
     lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]
+    lambda_adv: float = 1.0  # weight of the adversarial term in L_G; 0 = C-SDS alone, a control [ours]
     lambda_r1: float = 1.0  # weight of the spatio-temporal R1 [choice]
     r1_sigma_s: float = 0.01  # STR1 spatial perturbation [paper]
     r1_sigma_t: float = 0.1  # STR1 temporal perturbation [paper]
@@ -255,7 +256,7 @@ def phase2_d_step(cfg, m, batch, rng):
 
 
 def phase2_g_step(cfg, m, batch, rng):
-    """L_G = -mean D(x0_hat) + lambda_csds * C-SDS; the gradient reaches the generator only through x0_hat."""
+    """L_G = -lambda_adv * mean D(x0_hat) + lambda_csds * C-SDS; the gradient reaches the generator only through x0_hat."""
     x0, cond = batch["latent"], batch["cond"]
     B, dev = x0.shape[0], x0.device
     eps = noise_like(x0, rng)
@@ -267,7 +268,7 @@ def phase2_g_step(cfg, m, batch, rng):
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
         target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
     loss_csds = csds_loss(x0_hat, target)
-    (loss_adv + cfg.lambda_csds * loss_csds).backward()
+    (cfg.lambda_adv * loss_adv + cfg.lambda_csds * loss_csds).backward()
     return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach()}
 
 

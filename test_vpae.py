@@ -388,6 +388,16 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
     assert all(p.grad is None for p in ema.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.blocks[0].parameters())
 
+    def g_grad(lambda_adv, head_seed):  # the generator's gradient from one G step with the heads re-drawn
+        torch.manual_seed(head_seed)
+        m.disc = M.Discriminator(cfg.dim, (0, 1), width=64, n_queries=2)
+        gen.zero_grad(set_to_none=True)
+        distill.phase2_g_step(replace(c, lambda_adv=lambda_adv), m, batch, torch.Generator().manual_seed(1))
+        return torch.cat([p.grad.flatten() for p in gen.parameters()])
+
+    assert not torch.equal(g_grad(1.0, 0), g_grad(1.0, 1))  # the heads steer the generator
+    assert torch.equal(g_grad(0.0, 0), g_grad(0.0, 1))  # lambda_adv = 0: C-SDS alone
+
 
 # =============================================================================
 # vae.py: tiny VAE (base dim 8), references written from spec section 4

@@ -2,6 +2,7 @@
 
   python toy.py                    # the whole pipeline into run/toy: results.md, results.json, strip.png
   python toy.py --export-assets    # the same (finished stages are reused), then copy the models into assets/
+  python toy.py --controls         # the same, plus two controls: no adversarial term, a second training seed
   python toy.py --quick            # CI, a few minutes: a short distillation of the bundled demo teacher
 
 The pipeline: random-weight umT5 and CLIP in the official layout -> a tiny Wan VAE trained as an autoencoder
@@ -56,6 +57,8 @@ RECIPE = ["--batch_size=8", "--lr_phase1=1e-5", "--lr_phase2=1e-5", "--lr_fake=1
           "--export_dtype=fp32", "--log_every=20", "--ckpt_every=100000"]
 ABLATIONS = {"no_phase1": ["--phase1_steps=0"], "teacher_backbone": ["--disc_backbone=teacher"],
              "no_semantic": ["--semantic=false"], "no_csds": ["--lambda_csds=0"]}
+CONTROLS = {"no_adv": ["--lambda_adv=0"], "seed1": ["--seed=1"]}  # --controls: is the GAN term doing anything, and
+# how far apart are two training runs of the same recipe (seed 1 runs its own Phase I)?
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
     ("teacher, 1 step + CFG", "teacher", "cfg", 1, 2), ("teacher, 1 step, no CFG", "teacher", "x0", 1, 1),
@@ -63,7 +66,9 @@ ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" 
     ("ablation: no Phase I, 1 step", "no_phase1", "x0", 1, 1),
     ("ablation: D backbone = frozen teacher, 1 step", "teacher_backbone", "x0", 1, 1),
     ("ablation: no semantic head, 1 step", "no_semantic", "x0", 1, 1),
-    ("ablation: lambda_csds = 0, 1 step", "no_csds", "x0", 1, 1)]
+    ("ablation: lambda_csds = 0, 1 step", "no_csds", "x0", 1, 1),
+    ("control: no adversarial term (lambda_adv = 0), 1 step", "no_adv", "x0", 1, 1),
+    ("control: V-PAE with training seed 1, 1 step", "seed1", "x0", 1, 1)]
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of uint8 clips [F, H, W, 3]
@@ -356,7 +361,8 @@ def evaluate(ckpt, eval_latents, students, cfg, log):
     models |= {k: sample.load_dit(ckpt, torch.float32, "cpu", p) for k, p in students.items()}
     results = {"real clips through the VAE": {"nfe": "-", **{k: [v] for k, v in score(decode(vae, x["latent"]), real,
                                                                                         captions).items()}}}
-    strip = {"real": real[:, 0]}
+    strip, names = {"real clip": real[:, 0]}, {"teacher, 50 steps + CFG": "teacher\n50 steps + CFG\n100 NFE",
+                                                "V-PAE student, 1 step": "V-PAE student\n1 step\n1 NFE"}
     for row, key, sampler, steps, nfe in ROWS:
         if key not in models:
             continue
@@ -365,25 +371,29 @@ def evaluate(ckpt, eval_latents, students, cfg, log):
             videos = decode(vae, generate(models[key], sampler, steps, cond, neg, seed))
             for k, v in score(videos, real, captions).items():
                 res.setdefault(k, []).append(v)
-            if seed == cfg["seeds"][0] and row in ("teacher, 50 steps + CFG", "V-PAE student, 1 step"):
-                strip[row] = videos
+            if seed == cfg["seeds"][0] and row in names:
+                strip[names[row]] = videos
         results[row] = res
         log(f"eval {row}: " + ", ".join(f"{k} {np.mean(v):.3f}" for k, v in res.items() if k != "nfe") +
             f" ({time.time() - t0:.0f}s)")
     return results, strip
 
 
-def frame_strip(strip, path, clips=(0, 12, 24), frames=(0, 4, 8, 12, 16)):
-    """A PNG: for each of `clips`, one row per entry of strip (real, teacher 50 steps + CFG, student 1 step),
-    frames side by side, 2x nearest upscaled, with grey gaps."""
-    rows = []
+def frame_strip(strip, path, clips=(0, 1, 12), frames=(0, 4, 8, 12, 16)):
+    """A PNG: for each of `clips`, one row per entry of strip (name -> clips), frames side by side, 2x nearest
+    upscaled, the name on the left (Pillow comes with imageio)."""
+    from PIL import Image, ImageDraw, ImageFont
+    font, rows = ImageFont.load_default(size=15), []
     for i in clips:
-        for videos in strip.values():
-            if i < len(videos):
-                rows.append(np.concatenate([np.pad(videos[i][f], ((1, 1), (1, 1), (0, 0)), constant_values=128)
-                                            for f in frames], 1))
-        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
-    imageio.imwrite(path, np.concatenate(rows[:-1]).repeat(2, 0).repeat(2, 1))
+        for name, videos in strip.items():
+            row = np.concatenate([np.pad(videos[i][f], ((1, 1), (1, 1), (0, 0)), constant_values=128)
+                                  for f in frames], 1).repeat(2, 0).repeat(2, 1)
+            label = Image.new("RGB", (130, row.shape[0]), "white")
+            y = row.shape[0] // 2 - 9 * (name.count("\n") + 1)  # the label centred
+            ImageDraw.Draw(label).multiline_text((6, y), name, fill="black", font=font)
+            rows.append(np.concatenate([np.asarray(label), row], 1))
+        rows.append(np.full((8, rows[-1].shape[1], 3), 255, np.uint8))
+    imageio.imwrite(path, np.concatenate(rows[:-1]))
 
 
 def checks(results):
@@ -475,6 +485,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI: distil the bundled demo teacher briefly, check the ordering")
     p.add_argument("--export-assets", action="store_true", help="after the pipeline, copy its models into assets/")
+    p.add_argument("--controls", action="store_true", help="two more runs: no adversarial term; training seed 1")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
     args = p.parse_args(argv)
     cfg, out = (QUICK if args.quick else FULL), os.path.abspath(args.out or os.path.join(ROOT, "run", "toy-quick" if args.quick else "toy"))
@@ -521,7 +532,7 @@ def main(argv=None):
               lambda: train_teacher(ckpt, train_lat, cfg["teacher_steps"], lambda m: print(m, flush=True)))
 
     steps = [f"--phase1_steps={cfg['phase1']}", f"--phase2_steps={cfg['phase2']}"]
-    runs = {"full": []} if args.quick else {"full": [], **ABLATIONS}
+    runs = {"full": []} if args.quick else {"full": [], **ABLATIONS, **(CONTROLS if args.controls else {})}
     d = os.path.join(out, "distill")
     shared = os.path.join(d, "phase1", f"ckpt_{cfg['phase1']:08d}")  # Phase I is run once and shared
     if len(runs) > 1:
@@ -529,7 +540,7 @@ def main(argv=None):
                                                           os.path.join(out, "logs", "distill_phase1.log"), cfg["phase1"]))
     for name, extra in runs.items():
         def run(name=name, extra=extra):
-            if len(runs) > 1 and name != "no_phase1" and not os.path.isdir(os.path.join(d, name, os.path.basename(shared))):
+            if len(runs) > 1 and name not in ("no_phase1", "seed1") and not os.path.isdir(os.path.join(d, name, os.path.basename(shared))):
                 shutil.copytree(shared, os.path.join(d, name, os.path.basename(shared)))  # resume after Phase I
             distill(ckpt, train_lat, os.path.join(d, name), steps + extra, os.path.join(out, "logs", f"distill_{name}.log"))
         stage(f"distill {name}", os.path.join(d, name, "student.safetensors"), run)
