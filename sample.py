@@ -2,6 +2,7 @@
 
   python sample.py --ckpt_dir Wan2.1-I2V-14B-480P --image x.png --prompt "..." --student student.safetensors
   python sample.py --ckpt_dir Wan2.1-T2V-1.3B --prompt "..." --teacher        # 50 Euler steps with CFG
+  python sample.py --image assets/example.png    # the bundled demo: its student, prompt, size from its config.json
 
 I2V or T2V follows the checkpoint's config.json. The I2V condition is built as the official pipeline builds it
 (../shared/spec/wan21.md section 3); the samplers are those of ../shared/spec/method.md, "Inference".
