@@ -57,8 +57,9 @@ RECIPE = ["--batch_size=8", "--lr_phase1=1e-5", "--lr_phase2=1e-5", "--lr_fake=1
           "--export_dtype=fp32", "--log_every=20", "--ckpt_every=100000"]
 ABLATIONS = {"no_phase1": ["--phase1_steps=0"], "teacher_backbone": ["--disc_backbone=teacher"],
              "no_semantic": ["--semantic=false"], "no_csds": ["--lambda_csds=0"]}
-CONTROLS = {"no_adv": ["--lambda_adv=0"], "seed1": ["--seed=1"]}  # --controls: is the GAN term doing anything, and
-# how far apart are two training runs of the same recipe (seed 1 runs its own Phase I)?
+CONTROLS = {"no_adv": ["--lambda_adv=0"], "seed1": ["--seed=1"], "disc_shift1": ["--disc_shift=1"]}  # --controls:
+# is the GAN term doing anything, how far apart are two training runs of one recipe (seed 1 runs its own Phase I),
+# and does a discriminator that sees less noise (sigma_d shifted by 1, not 5) learn more?
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
     ("teacher, 1 step + CFG", "teacher", "cfg", 1, 2), ("teacher, 1 step, no CFG", "teacher", "x0", 1, 1),
@@ -68,7 +69,8 @@ ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" 
     ("ablation: no semantic head, 1 step", "no_semantic", "x0", 1, 1),
     ("ablation: lambda_csds = 0, 1 step", "no_csds", "x0", 1, 1),
     ("control: no adversarial term (lambda_adv = 0), 1 step", "no_adv", "x0", 1, 1),
-    ("control: V-PAE with training seed 1, 1 step", "seed1", "x0", 1, 1)]
+    ("control: V-PAE with training seed 1, 1 step", "seed1", "x0", 1, 1),
+    ("control: disc_shift = 1, 1 step", "disc_shift1", "x0", 1, 1)]
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of uint8 clips [F, H, W, 3]
@@ -485,7 +487,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI: distil the bundled demo teacher briefly, check the ordering")
     p.add_argument("--export-assets", action="store_true", help="after the pipeline, copy its models into assets/")
-    p.add_argument("--controls", action="store_true", help="two more runs: no adversarial term; training seed 1")
+    p.add_argument("--controls", action="store_true", help="three more runs: no adversarial term; training seed 1; disc_shift 1")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
     args = p.parse_args(argv)
     cfg, out = (QUICK if args.quick else FULL), os.path.abspath(args.out or os.path.join(ROOT, "run", "toy-quick" if args.quick else "toy"))
