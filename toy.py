@@ -2,7 +2,7 @@
 
   python toy.py                    # the whole pipeline into run/toy: results.md, results.json, strip.png
   python toy.py --export-assets    # the same (finished stages are reused), then copy the models into assets/
-  python toy.py --controls         # the same, plus two controls: no adversarial term, a second training seed
+  python toy.py --controls         # the same, plus controls: no adversarial term, training seed 1, disc_shift 1
   python toy.py --quick            # CI, a few minutes: a short distillation of the bundled demo teacher
 
 The pipeline: random-weight umT5 and CLIP in the official layout -> a tiny Wan VAE trained as an autoencoder
