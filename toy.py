@@ -165,8 +165,8 @@ def write_videos(folder, videos, captions):
     os.makedirs(folder, exist_ok=True)
     for i, v in enumerate(videos[:, 0]):
         sample.save_mp4(v, os.path.join(folder, f"clip_{i:05d}.mp4"))
-    with open(os.path.join(folder, "captions.jsonl"), "w") as f:
-        f.writelines(json.dumps({"file": f"clip_{i:05d}.mp4", "caption": c}) + "\n" for i, c in enumerate(captions))
+    data.write_text("".join(json.dumps({"file": f"clip_{i:05d}.mp4", "caption": c}) + "\n"
+                            for i, c in enumerate(captions)), os.path.join(folder, "captions.jsonl"))
 
 
 def load_all(latents):
@@ -195,11 +195,13 @@ def write_encoders(ckpt):
     tok.save(os.path.join(ckpt, sample.TOKENIZER_DIR, "tokenizer.json"))
     torch.manual_seed(0)
     t5 = T5Encoder(vocab=3 + len(words), dim=T5_DIM, dim_attn=T5_DIM, dim_ffn=64, heads=4, layers=2, num_buckets=32)
-    torch.save({k: v.bfloat16() for k, v in t5.state_dict().items()}, os.path.join(ckpt, sample.T5_FILE))  # bf16, as official
     clip = CLIPVision(CLIP_DIM, patch=14, grid=2, layers=3, mlp_dim=4 * CLIP_DIM)  # Wan drops the last block: 2 run
     with torch.no_grad():
         clip.cls_embedding.normal_(0, 0.5), clip.pos_embedding.normal_(0, 0.5)
-    torch.save({"visual." + k: v for k, v in clip.state_dict().items()}, os.path.join(ckpt, sample.CLIP_FILE))
+    data.atomic(os.path.join(ckpt, sample.CLIP_FILE),
+                lambda f: torch.save({"visual." + k: v for k, v in clip.state_dict().items()}, f))
+    data.atomic(os.path.join(ckpt, sample.T5_FILE),  # bf16, as official; last, as the stage's "done" marker
+                lambda f: torch.save({k: v.bfloat16() for k, v in t5.state_dict().items()}, f))
 
 
 def inflate(vae):
@@ -258,7 +260,7 @@ def train_vae(path, steps, log):
     fit(steps[0], 1, 8, True, 1e-3)
     inflate(vae)
     fit(steps[1], 9, 2, False, 5e-4)
-    torch.save(vae.state_dict(), path)
+    data.atomic(path, lambda f: torch.save(vae.state_dict(), f))
 
 
 def train_teacher(ckpt, latents, steps, log, batch_size=32, lr=3e-4):
@@ -292,8 +294,8 @@ def train_teacher(ckpt, latents, steps, log, batch_size=32, lr=3e-4):
         D.ema_update(ema, model, 0.999 if step > 500 else 0.0)
         if step % 200 == 0 or step == steps - 1:
             log(f"teacher step {step}: loss {loss.item():.4f}")
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
-              os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
+    data.atomic(os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
+                lambda f: save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, f))
 
 
 def distill(ckpt, latents, out, args, log_file, stop_after=None):
@@ -455,13 +457,12 @@ def report(results, times, argv, out):
         lines.append(f"| {row} | {r['nfe']} | {fmt(r['fd'], 3)} | {fmt(r['psnr0'], 1)} | {fmt(r['motion'], 2)} | "
                      f"{fmt(r['consistency'], 2)} |")
     lines += ["", "mean ± std over noise seeds; " + ("the checks:" if results else "")]
-    lines += [f"- {'held' if ok else 'DID NOT HOLD'}: {s}" for s, ok in checks(results)]
+    held = checks(results)
+    lines += [f"- {'held' if ok else 'DID NOT HOLD'}: {s}" for s, ok in held]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"argv": argv, "machine": info, "times_s": times, "results": results,
-                   "checks": checks(results)}, f, indent=1)
+    data.write_text(text, os.path.join(out, "results.md"))
+    data.write_json({"argv": argv, "machine": info, "times_s": times, "results": results, "checks": held},
+                    os.path.join(out, "results.json"))
     print(text)
 
 
@@ -474,8 +475,7 @@ def export_assets(out):
     cfg = json.load(open(os.path.join(demo, "config.json")))
     cfg["vpae_demo"] = {"student": "student.safetensors", "frames": FRAMES, "size": f"{SIZE}*{SIZE}", "shift": SHIFT,
                         "guide_scale": GUIDE, "prompt": "a red circle moving right"}  # sample.py's defaults
-    with open(os.path.join(demo, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
+    data.write_json(cfg, os.path.join(demo, "config.json"))
     imageio.imwrite(os.path.join(ROOT, "assets", "example.png"), make_clips([("circle", "red", "right")], 7)[0][0, 0, 0])
     shutil.copy(os.path.join(out, "strip.png"), os.path.join(ROOT, "assets", "strip.png"))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ROOT, "assets")) for f in fs)
@@ -514,8 +514,8 @@ def main(argv=None):
     else:
         ckpt = os.path.join(out, "ckpt")
         os.makedirs(ckpt, exist_ok=True)
-        with open(os.path.join(ckpt, "config.json"), "w") as f:
-            json.dump({"_class_name": "WanModel", "_diffusers_version": "0.30.0", **DIT}, f, indent=1)
+        data.write_json({"_class_name": "WanModel", "_diffusers_version": "0.30.0", **DIT},
+                        os.path.join(ckpt, "config.json"))
         stage("encoders", os.path.join(ckpt, sample.T5_FILE), lambda: write_encoders(ckpt))
         stage("vae", os.path.join(ckpt, sample.VAE_FILE),
               lambda: train_vae(os.path.join(ckpt, sample.VAE_FILE), cfg["vae_steps"], lambda m: print(m, flush=True)))
