@@ -357,9 +357,8 @@ def evaluate(ckpt, eval_latents, students, cfg, log):
     {row: {"nfe", metric: [value per seed]}} and, for the strip, seed 0's clips of two rows."""
     x, ds = load_all(eval_latents)
     real, captions = make_clips(eval_combos(cfg["eval_clips"]), EVAL_SEED, EVAL_SPEEDS)
-    pad = lambda c: F.pad(c, (0, 0, 0, DIT["text_len"] - c.shape[-2]))  # noqa: E731
-    cond = {"context": pad(x["context"]), "clip_fea": x["clip"], "y": x["y"]}
-    neg = pad(ds.neg_context)[None].expand(len(ds), -1, -1)
+    batch = D.prepare(x, ds.neg_context, DIT["text_len"], "cpu")  # contexts padded, the negative one per clip
+    cond, neg = batch["cond"], batch["neg"]["context"]
     vae = WanVAE.from_pretrained(os.path.join(ckpt, sample.VAE_FILE))
     models = {"teacher": WanModel.from_pretrained(ckpt)}
     models |= {k: sample.load_dit(ckpt, torch.float32, "cpu", p) for k, p in students.items()}
