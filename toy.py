@@ -444,6 +444,20 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
+def phase2_stats(distill_dir):
+    """{run: means over the logged Phase II steps of its log.jsonl}: the discriminator's hinge loss (2 = chance),
+    D(real) - D(fake), the generator's adversarial term and the (unweighted) C-SDS loss."""
+    stats = {}
+    for run in sorted(os.listdir(distill_dir)) if os.path.isdir(distill_dir) else []:
+        path = os.path.join(distill_dir, run, "log.jsonl")
+        steps = [e for e in map(json.loads, open(path)) if e["phase"] == 2] if os.path.isfile(path) else []
+        if steps:
+            mean = lambda k: float(np.mean([e[k] for e in steps]))  # noqa: E731
+            stats[run] = {"steps": len(steps), "loss_d": mean("loss_d"), "margin": mean("d_real") - mean("d_fake"),
+                          "loss_g_adv": mean("loss_g_adv"), "loss_csds": mean("loss_csds")}
+    return stats
+
+
 def report(results, times, argv, out):
     fmt = lambda v, d: f"{np.mean(v):.{d}f}" + (f" ± {np.std(v):.{d}f}" if len(v) > 1 else "")  # noqa: E731
     info = machine()
@@ -458,9 +472,16 @@ def report(results, times, argv, out):
     lines += ["", "mean ± std over noise seeds; " + ("the checks:" if results else "")]
     held = checks(results)
     lines += [f"- {'held' if ok else 'DID NOT HOLD'}: {s}" for s, ok in held]
+    stats = phase2_stats(os.path.join(out, "distill"))
+    lines += ["", "Phase II of each distillation run, means over its logged steps (log.jsonl):", "",
+              "| run | logged steps | D hinge loss (2 = chance) | D(real) - D(fake) | G adversarial term | C-SDS |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {run} | {v['steps']} | {v['loss_d']:.3f} | {v['margin']:.3f} | {v['loss_g_adv']:.3f} | "
+              f"{v['loss_csds']:.3f} |" for run, v in stats.items()]
     text = "\n".join(lines) + "\n"
     data.write_text(text, os.path.join(out, "results.md"))
-    data.write_json({"argv": argv, "machine": info, "times_s": times, "results": results, "checks": held},
+    data.write_json({"argv": argv, "machine": info, "times_s": times, "results": results, "checks": held,
+                     "phase2": stats},
                     os.path.join(out, "results.json"))
     print(text)
 
