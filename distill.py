@@ -58,7 +58,10 @@ class Config:
     k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
     lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
     disc_backbone: str = "ema"  # ema | live | teacher: whose hidden states the heads read [paper: ema]
-    disc_shift: float = 5.0  # discriminator noising shift [choice]
+    disc_shift: float = 5.0  # discriminator noising shift [choice], at disc_shift_ref tokens per clip when that is set
+    disc_shift_ref: int = 0  # >0: scale disc_shift by sqrt(tokens per clip / disc_shift_ref), the resolution rule
+    #   behind Wan's own sample shifts (3 at 480p, 5 at 720p); 0: disc_shift as given [ours]
+    disc_steps: int = 1  # discriminator steps per generator step, each on fresh clips [choice, APT: 1]
     disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
     disc_queries: int = 4  # learnable query tokens per head [choice]
     disc_width: int = 1024  # head width [ours]
@@ -79,6 +82,10 @@ class Config:
     export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) [ours]
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
     tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
+    val_data: str = ""  # a precomputed folder of held-out clips: D's real-vs-fake accuracy is logged on them [ours]
+    val_every: int = 50  # Phase II steps between those evaluations (and at the end of Phase II)
+    val_sigmas: str = "0.25,0.5,0.75"  # the fixed sigma_d of the accuracy
+    val_clips: int = 32  # at most this many clips of val_data
 
 
 def parse_args(argv):
@@ -224,9 +231,17 @@ def phase1_step(cfg, m, batch, rng):
     return {"loss_dmd": loss_g.detach(), "loss_fake": loss_f}
 
 
+def disc_shift(cfg, x):
+    """D's noising shift for latents x: disc_shift, times sqrt(tokens / disc_shift_ref) when disc_shift_ref is set.
+    Noise hides a clip's content in proportion to the clip's size: the same sigma leaves more signal in more tokens,
+    which is why Wan samples 720p at shift 5 and 480p at 3 (sqrt(75600 / 32760) x 3 = 4.6)."""
+    tokens = x.shape[2] * x.shape[3] * x.shape[4] // 4  # Wan's patch is (1, 2, 2)
+    return cfg.disc_shift * math.sqrt(tokens / cfg.disc_shift_ref) if cfg.disc_shift_ref else cfg.disc_shift
+
+
 def noisy_d(cfg, xs, rng):
     """Noise each of the tensors xs at one shared sigma_d = shift(u, disc_shift) per sample."""
-    s = renoise_sigma(xs[0].shape[0], cfg.disc_shift, rng, xs[0].device)
+    s = renoise_sigma(xs[0].shape[0], disc_shift(cfg, xs[0]), rng, xs[0].device)
     return [(1 - bcast(s)) * x + bcast(s) * noise_like(x, rng) for x in xs], s
 
 
@@ -268,26 +283,55 @@ def phase2_g_step(cfg, m, batch, rng):
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
         target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
     loss_csds = csds_loss(x0_hat, target)
-    (cfg.lambda_adv * loss_adv + cfg.lambda_csds * loss_csds).backward()
-    return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach()}
+    # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G
+    # (under sp > 1 the adversarial one is this rank's share of the tokens)
+    g_adv, g_csds = (torch.autograd.grad(loss, x0_hat, retain_graph=True)[0]
+                     for loss in (cfg.lambda_adv * loss_adv, cfg.lambda_csds * loss_csds))
+    x0_hat.backward(g_adv + g_csds)
+    return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach(),
+            "gx_adv": g_adv.norm().detach(), "gx_csds": g_csds.norm().detach()}
+
+
+@torch.no_grad()
+def disc_accuracy(cfg, m, val, neg, device):
+    """D's accuracy on held-out clips, real against the generator's one-step samples, at each fixed sigma_d of
+    val_sigmas: the mean of the fractions D(real) > 0 and D(fake) < 0 (0.5 = chance). All noise is drawn from a
+    fixed seed, so successive evaluations differ only by D and G. Every rank runs every clip (sp groups need it)."""
+    sigmas, rng = [float(v) for v in cfg.val_sigmas.split(",")], torch.Generator(device).manual_seed(12345)
+    hits = torch.zeros(len(sigmas), 2)
+    for i in range(0, len(val), cfg.micro_batch):
+        b = prepare(D.collate(val[i:i + cfg.micro_batch]), neg, m.gen.cfg.text_len, device)
+        x0, cond, B = b["latent"], b["cond"], b["latent"].shape[0]
+        eps = noise_like(x0, rng)
+        fake = eps - run(m.gen, eps, torch.ones(B, device=device), cond)
+        for j, sig in enumerate(sigmas):
+            s, n = torch.full((B,), sig, device=device), noise_like(x0, rng)
+            d = disc(m, torch.cat([(1 - sig) * x0 + sig * n, (1 - sig) * fake + sig * n]), s.repeat(2),
+                     {k: torch.cat([v, v]) for k, v in cond.items()})
+            hits[j] += torch.stack([(d[:B] > 0).sum(), (d[B:] < 0).sum()]).float().cpu()
+    return {f"val_acc@{sig:g}": round(float(h.mean()) / len(val), 4) for sig, h in zip(sigmas, hits)}
 
 
 # -----------------------------------------------------------------------------
 # setup: process groups, models, sharding, data
 
 
-def setup_dist(cfg):
-    """torchrun env (or a single process), nccl on GPU and gloo on CPU; returns (device, dp_rank, dp, sp_group)."""
-    if "RANK" not in os.environ:  # a plain `python distill.py`: a one-process group on a free port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def launch_env():
+    """(rank, world size, local rank, init method): torchrun's environment, or else one process on a free local port."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), "env://"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return 0, 1, 0, f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def setup_dist(cfg, rank, world, local_rank, init_method):
+    """nccl on GPU, gloo on CPU; nothing is written to os.environ, so main() can run again in one process.
+    Returns (device, dp_rank, dp, sp_group)."""
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
     if world % cfg.sp:
         sys.exit(f"--sp={cfg.sp} must divide the world size {world}")
     groups = [dist.new_group(list(range(i * cfg.sp, (i + 1) * cfg.sp))) for i in range(world // cfg.sp)]
@@ -296,7 +340,10 @@ def setup_dist(cfg):
 
 
 def shard(model, device, cfg):
-    """FSDP2: one unit per DiT block (as official), the rest in the root unit; bf16 compute, fp32 reduce on GPU."""
+    """FSDP2: one unit per DiT block (as official), the rest in the root unit; bf16 compute, fp32 reduce on GPU.
+    One CPU process is left unsharded: FSDP would only add overhead there (about 1.5x), with the same numbers."""
+    if dist.get_world_size() == 1 and device.type == "cpu":
+        return model
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype] if device.type == "cuda" else torch.float32
     # the model casts its own inputs (the residual stream stays fp32), so FSDP must not
@@ -421,9 +468,10 @@ def export_student(cfg, m):
 # the loop
 
 
-def main(argv):
+def main(argv, launch=None):
+    """launch: (rank, world size, local rank, init method); default launch_env(). In-process callers pass nothing."""
     cfg = parse_args(argv)
-    device, dp_rank, dp, sp_group = setup_dist(cfg)
+    device, dp_rank, dp, sp_group = setup_dist(cfg, *(launch or launch_env()))
     rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
         sys.exit(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
@@ -440,6 +488,12 @@ def main(argv):
             D.precompute(cfg.teacher, cfg.data, data_dir, device=device.type)
         dist.barrier()
     dataset = D.LatentDataset(data_dir)
+    val = []
+    if cfg.val_data:
+        vds = D.LatentDataset(cfg.val_data)
+        if vds.model_type != dataset.model_type:
+            sys.exit(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
+        val = [vds[i] for i in range(min(len(vds), cfg.val_clips))]
     loader = D.Loader(dataset, cfg.micro_batch, rank=dp_rank, world=dp, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)  # identical initial heads and LoRA on every rank
@@ -521,12 +575,13 @@ def main(argv):
         else:
             if m.live is not None:
                 ema_update(m.live, m.gen, 0.0)
-            batches = [prepare(next(loader), dataset.neg_context, m.gen.cfg.text_len, device) for _ in range(accum)]
             opts["disc"].zero_grad(set_to_none=True)
-            for b in batches:  # discriminator step, then generator step on the same clips
-                for k, v in phase2_d_step(cfg, m, b, rng).items():
-                    stats[k] = stats.get(k, 0) + v / accum
-            stats |= opt_step("disc", m.disc.parameters())
+            for _ in range(cfg.disc_steps):  # discriminator steps, then a generator step on the last one's clips
+                batches = [prepare(next(loader), dataset.neg_context, m.gen.cfg.text_len, device) for _ in range(accum)]
+                for b in batches:
+                    for k, v in phase2_d_step(cfg, m, b, rng).items():
+                        stats[k] = stats.get(k, 0) + v / accum / cfg.disc_steps
+                stats |= opt_step("disc", m.disc.parameters())
             for b in batches:
                 for k, v in phase2_g_step(cfg, m, b, rng).items():
                     stats[k] = stats.get(k, 0) + v / accum
@@ -543,11 +598,14 @@ def main(argv):
             stop["now"] = True
         flag = torch.tensor([float(stop["now"])], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank's SIGTERM stops all of them together
-        if step % cfg.log_every == 0 or step == total or flag.item():
+        val_stats = disc_accuracy(cfg, m, val, dataset.neg_context, device) if val and phase == 2 and (
+            (step - cfg.phase1_steps) % cfg.val_every == 0 or step == total) else {}
+        if step % cfg.log_every == 0 or step == total or flag.item() or val_stats:
             vals = torch.tensor([sums[k] / n_log for k in sorted(sums)], device=device)
             dist.all_reduce(vals)
             rec = {"step": step, "phase": phase} | {k: round(v / world, 6) for k, v in zip(sorted(sums), vals.tolist())}
             rec["tokens_per_s"] = round(cfg.batch_size * tokens / rec["step_s"], 1)
+            rec |= val_stats
             rec["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() if device.type == "cuda" else
                                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3)
             if master:

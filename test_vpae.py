@@ -11,6 +11,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
@@ -1471,13 +1472,15 @@ def test_distill_two_processes_both_phases(i2v_ckpt, latents, tmp_path):
     """2 ranks, FSDP2 over both and Ulysses sp=2: Phase I then Phase II, a checkpoint, the exported student."""
     out = str(tmp_path / "run")
     r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=2",
-                     "--phase2_steps=2", "--sp=2"], nproc=2)
+                     "--phase2_steps=2", "--sp=2", f"--val_data={latents}", "--val_every=1"], nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "memory per GPU" in r.stdout
     log = read_log(out)
     assert [x["phase"] for x in log] == [1, 1, 2, 2]
     assert all(math.isfinite(v) for x in log for v in x.values())
-    assert all(k in log[-1] for k in ("loss_d", "loss_r1", "loss_g_adv", "loss_csds", "d_real", "d_fake", "gnorm_gen"))
+    assert all(k in log[-1] for k in ("loss_d", "loss_r1", "loss_g_adv", "loss_csds", "d_real", "d_fake", "gnorm_gen",
+                                      "gx_adv", "gx_csds"))
+    assert all(0 <= log[-1][f"val_acc@{s}"] <= 1 for s in (0.25, 0.5, 0.75)) and "val_acc@0.5" not in log[1]
     assert all(k in log[0] for k in ("loss_dmd", "loss_fake", "tokens_per_s", "peak_mem_gib", "step_s"))
     student = WanModel.from_pretrained(os.path.join(out, "student.safetensors"))
     teacher = WanModel.from_pretrained(i2v_ckpt)
@@ -1500,6 +1503,27 @@ def test_distill_resume_equals_uninterrupted(i2v_ckpt, latents, tmp_path):
                                                                     "student.safetensors"]
     with open(os.path.join(a, "student.safetensors"), "rb") as fa, open(os.path.join(b, "student.safetensors"), "rb") as fb:
         assert fa.read() == fb.read()
+
+
+def test_distill_in_process_twice_leaves_the_environment_alone(i2v_ckpt, latents, tmp_path, capsys):
+    """distill.main can be called again in one process (toy.py does), and writes nothing into os.environ."""
+    import distill
+    env = dict(os.environ)
+    for name in ("a", "b"):
+        distill.main(DISTILL + [f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={tmp_path / name}",
+                                "--phase1_steps=1", "--phase2_steps=1"])
+    assert dict(os.environ) == env and not dist.is_initialized()
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [x["phase"] for x in b] == [1, 2] and [x["loss_dmd"] for x in a[:1]] == [x["loss_dmd"] for x in b[:1]]
+
+
+def test_disc_shift_follows_the_resolution():
+    import distill
+    c = distill.Config(disc_shift=5.0, disc_shift_ref=32760)
+    x = lambda f, h, w: torch.zeros(1, 16, f, h, w)  # noqa: E731
+    assert distill.disc_shift(c, x(21, 60, 104)) == pytest.approx(5.0)  # 480p x 81 frames: 32,760 tokens
+    assert distill.disc_shift(c, x(21, 90, 160)) == pytest.approx(5 * math.sqrt(75600 / 32760))  # 720p
+    assert distill.disc_shift(replace(c, disc_shift_ref=0), x(5, 16, 16)) == 5.0
 
 
 def test_distill_stops_on_non_finite_steps(i2v_ckpt, latents, tmp_path):
