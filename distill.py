@@ -294,11 +294,12 @@ def phase2_g_step(cfg, m, batch, rng):
 
 @torch.no_grad()
 def disc_accuracy(cfg, m, val, neg, device):
-    """D's accuracy on held-out clips, real against the generator's one-step samples, at each fixed sigma_d of
-    val_sigmas: the mean of the fractions D(real) > 0 and D(fake) < 0 (0.5 = chance). All noise is drawn from a
-    fixed seed, so successive evaluations differ only by D and G. Every rank runs every clip (sp groups need it)."""
+    """D's accuracy on held-out clips, real against the generator's one-step sample of the same condition, at each
+    fixed sigma_d of val_sigmas: the fraction of clips where D(real) > D(fake), both noised alike (0.5 = chance).
+    A paired test does not depend on D's offset, which the hinge loss leaves free. All noise comes from a fixed
+    seed, so successive evaluations differ only by D and G. Every rank runs every clip (sp groups need it)."""
     sigmas, rng = [float(v) for v in cfg.val_sigmas.split(",")], torch.Generator(device).manual_seed(12345)
-    hits = torch.zeros(len(sigmas), 2)
+    hits = torch.zeros(len(sigmas))
     for i in range(0, len(val), cfg.micro_batch):
         b = prepare(D.collate(val[i:i + cfg.micro_batch]), neg, m.gen.cfg.text_len, device)
         x0, cond, B = b["latent"], b["cond"], b["latent"].shape[0]
@@ -308,8 +309,8 @@ def disc_accuracy(cfg, m, val, neg, device):
             s, n = torch.full((B,), sig, device=device), noise_like(x0, rng)
             d = disc(m, torch.cat([(1 - sig) * x0 + sig * n, (1 - sig) * fake + sig * n]), s.repeat(2),
                      {k: torch.cat([v, v]) for k, v in cond.items()})
-            hits[j] += torch.stack([(d[:B] > 0).sum(), (d[B:] < 0).sum()]).float().cpu()
-    return {f"val_acc@{sig:g}": round(float(h.mean()) / len(val), 4) for sig, h in zip(sigmas, hits)}
+            hits[j] += (d[:B] > d[B:]).sum().cpu()
+    return {f"val_acc@{sig:g}": round(float(h) / len(val), 4) for sig, h in zip(sigmas, hits)}
 
 
 # -----------------------------------------------------------------------------

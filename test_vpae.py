@@ -1568,6 +1568,36 @@ def test_toy_motion_detects_the_direction(direction):
     assert not toy.motion_correct(np.repeat(v[:1], 17, 0), "red", direction)  # a still shape does not move
 
 
+def test_toy_speed_metric():
+    """Displacement along the caption is the travel the clip was drawn with; real futures are in range and at W1 0;
+    a still, a too fast, a backwards and an untracked clip are out of range, and W1 grows with the error."""
+    import toy
+    combos = [("square", "red", "right"), ("circle", "blue", "up"), ("triangle", "white", "left")]
+    grid, caps = toy.make_clips(combos, seed=5, speeds=4, grid=toy.SPEED_GRID)  # (3, 34, F, H, W, 3)
+    real = np.array([[toy.displacement(v, c.split()[1], c.split()[4])[0] for v in g] for g, c in zip(grid, caps)])
+    travel = 0.5 * (64 - 2 * 0.15 * 64)  # data.synthetic_clip: half the room, crossed in m frames; 17 are kept
+    expect = travel * 16 / (np.array(toy.SPEED_GRID) - 1)
+    assert np.abs(real - expect).max() < 1.0  # the centroid tracks the drawn motion to a pixel
+    assert toy.speed_metrics(real[:, 5], real) == {"in_range": 1.0, "w1": pytest.approx(
+        np.mean(np.abs(np.sort(np.repeat(real[:, 5], 34)) - np.sort(real.ravel()))))}
+    assert toy.speed_metrics(real[:, 0], real)["in_range"] == 1.0 and toy.speed_metrics(real[:, -1], real)["in_range"] == 1.0
+    for bad in (np.zeros(3), real[:, 0] + 3, -real[:, 5], np.full(3, np.nan)):  # still, too fast, backwards, lost
+        assert toy.speed_metrics(bad, real)["in_range"] == 0.0
+    w = [toy.speed_metrics(real[:, 10] * f, real)["w1"] for f in (1.0, 0.5, 0.0)]
+    assert w[0] < w[1] < w[2] and toy.speed_metrics(np.full(3, np.nan), real)["w1"] == w[2]  # untracked counts as still
+
+
+def test_toy_orderings_use_the_training_seed_spread():
+    import toy
+    row = lambda fd: {"nfe": 1, **{k: [[v] * 2 for v in fd] for k in toy.METRICS}}  # noqa: E731
+    r = {"V-PAE student, 1 step": row([10.0, 11.0, 12.0]), "ablation: lambda_adv = 0 (C-SDS alone), 1 step": row([13.0, 14.0, 15.0])}
+    assert toy.better(r, "V-PAE student, 1 step", "ablation: lambda_adv = 0 (C-SDS alone), 1 step", "fd")  # 3 > 2 x 1
+    r["ablation: lambda_adv = 0 (C-SDS alone), 1 step"] = row([11.0, 12.5, 14.0])
+    assert not toy.better(r, "V-PAE student, 1 step", "ablation: lambda_adv = 0 (C-SDS alone), 1 step", "fd")
+    std_ok = lambda fd: [ok for s, ok in toy.checks({"V-PAE student, 1 step": row(fd)}) if "FD std" in s]  # noqa: E731
+    assert std_ok([10.0, 11.0, 12.0]) == [True] and std_ok([10.0, 12.0, 14.0]) == [False]  # sd 1 and 2 against 1.1, 1.2
+
+
 def test_toy_psnr_and_consistency():
     import toy
     v = shape_clip()
