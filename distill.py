@@ -58,9 +58,10 @@ class Config:
     k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
     lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
     disc_backbone: str = "ema"  # ema | live | teacher: whose hidden states the heads read [paper: ema]
-    disc_shift: float = 5.0  # discriminator noising shift [choice], at disc_shift_ref tokens per clip when that is set
-    disc_shift_ref: int = 0  # >0: scale disc_shift by sqrt(tokens per clip / disc_shift_ref), the resolution rule
-    #   behind Wan's own sample shifts (3 at 480p, 5 at 720p); 0: disc_shift as given [ours]
+    disc_shift: float = 5.0  # discriminator noising shift at disc_shift_ref tokens per clip [choice]
+    disc_shift_ref: int = 32760  # scale disc_shift by sqrt(tokens per clip / disc_shift_ref), the resolution rule
+    #   behind Wan's own sample shifts (3 at 480p, 5 at 720p): 5 at 480p x 81 frames, 7.6 at 720p, 0.25 on the toy.
+    #   On the toy's validation split it beat a fixed shift 5 (D sees mostly noise at 80 tokens) [ours]; 0 = fixed
     disc_steps: int = 1  # discriminator steps per generator step, each on fresh clips [choice, APT: 1]
     disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
     disc_queries: int = 4  # learnable query tokens per head [choice]

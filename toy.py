@@ -603,12 +603,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI: distil the bundled demo teacher briefly, check the ordering")
     p.add_argument("--export-assets", action="store_true", help="after the pipeline, copy its models into assets/")
-    p.add_argument("--sweep", action="store_true", help="instead of the table: the SWEEP candidates on the validation split")
+    p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), metavar="NAMES",
+                   help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
     args = p.parse_args(argv)
+    if args.sweep and not set(args.sweep.split(",")) <= set(SWEEP):
+        p.error(f"--sweep {args.sweep}: the candidates are {', '.join(SWEEP)}")
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
         cfg["train_seeds"] = tuple(range(args.seeds))
@@ -657,7 +660,7 @@ def main(argv=None):
               lambda: train_teacher(ckpt, train_lat, cfg["teacher_steps"], lambda m: print(m, flush=True)))
 
     steps = [f"--phase1_steps={cfg['phase1']}", f"--phase2_steps={cfg['phase2']}"]
-    runs = {"full": []} if args.quick else {f"sweep_{k}": v for k, v in SWEEP.items()} if args.sweep else RUNS
+    runs = {"full": []} if args.quick else {f"sweep_{k}": SWEEP[k] for k in args.sweep.split(",")} if args.sweep else RUNS
     d, jobs = os.path.join(out, "sweep" if args.sweep else "distill"), 1 if args.quick else args.jobs
     threads = max(1, torch.get_num_threads() // jobs)
 
