@@ -1,4 +1,4 @@
-"""V-PAE distillation of a Wan2.1 DiT into a one-step generator (../shared/spec/method.md).
+"""V-PAE distillation of a Wan2.1 DiT into a one-step generator (README: "How V-PAE works").
 
   torchrun --nproc_per_node=8 distill.py --teacher=Wan2.1-I2V-14B-480P --data=latents/ --out=run/ --sp=8
   python distill.py --teacher=... --data=... --out=...            # one process works too
@@ -8,7 +8,8 @@ LoRA "fake" score that tracks the generator. Phase II (unified adversarial equil
 discriminator is a few heads reading the hidden states of a frozen backbone that is the generator's own EMA,
 plus a conditional score-distillation term (C-SDS) to the CFG teacher. FSDP2 shards every model over all ranks,
 Ulysses sequence parallelism splits the tokens of one clip over `sp` ranks, and torch.distributed.checkpoint
-writes resumable checkpoints. Every [choice] of method.md is a field below.
+writes resumable checkpoints. Every choice the paper leaves open is a field below: [paper] marks the paper's
+values, [choice] the closest prior work's (APT, DMD2, ADD/LADD), [ours] this project's.
 """
 import dataclasses
 import json
@@ -163,7 +164,7 @@ def cfg_velocity(teacher, x, s, cond, neg, w):
 
 
 # -----------------------------------------------------------------------------
-# the losses (method.md), each a plain function of tensors so the tests can check it directly
+# the losses, each a plain function of tensors so the tests can check it directly
 
 
 def dmd_loss(x0_hat, x0_real, x0_fake):
@@ -442,14 +443,19 @@ def save_ckpt(cfg, m, opts, step, extra):
     dist.barrier()
 
 
-def load_ckpt(path, m, opts):
-    state = train_state(m, opts)
+def load_ckpt(path, m, opts, phase1_steps):
+    """Restore every model and optimizer. The heads train only in Phase II, so from a checkpoint taken before it
+    they are left as this run built them: a shared Phase I can start runs whose heads differ (width, taps, ...)."""
+    extra = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
+    parts = [("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])]
+    parts = [p for p in parts if p[0] != "disc" or extra["step"] > phase1_steps]
+    state = {k: v for k, v in train_state(m, opts).items() if k.removeprefix("opt_") in {p[0] for p in parts} | {"ema"}}
     dcp.load(state, checkpoint_id=path)
-    for name, mdl, opt in (("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])):
+    for name, mdl, opt in parts:
         set_state_dict(mdl, opt, model_state_dict=state[name], optim_state_dict=state["opt_" + name],
                        options=StateDictOptions(ignore_frozen_params=True, strict=name != "lora"))
     set_state_dict(m.ema, [], model_state_dict=state["ema"], optim_state_dict={})
-    return torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
+    return extra
 
 
 def export_student(cfg, m):
@@ -524,7 +530,7 @@ def main(argv, launch=None):
     step, bad = 0, 0
     ck = latest_ckpt(cfg.out)
     if ck:
-        extra = load_ckpt(ck, m, opts)
+        extra = load_ckpt(ck, m, opts, cfg.phase1_steps)
         step, bad = extra["step"], extra["bad"]
         rng.set_state(extra["rng"])
         loader.load_state_dict(extra["loader"])

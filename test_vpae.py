@@ -1505,6 +1505,15 @@ def test_distill_resume_equals_uninterrupted(i2v_ckpt, latents, tmp_path):
         assert fa.read() == fb.read()
 
 
+def test_distill_phase1_checkpoint_starts_other_heads(i2v_ckpt, latents, tmp_path):
+    """A checkpoint from before Phase II carries no trained heads: a run with other heads resumes from it."""
+    args = [f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={tmp_path}", "--phase1_steps=1", "--phase2_steps=1"]
+    assert run_distill(args + ["--stop_after=1"]).returncode == 0
+    r = run_distill(args + ["--disc_width=128", "--disc_taps=1", "--disc_queries=2"])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [x["phase"] for x in read_log(tmp_path)] == [1, 2]
+
+
 def test_distill_in_process_twice_leaves_the_environment_alone(i2v_ckpt, latents, tmp_path, capsys):
     """distill.main can be called again in one process (toy.py does), and writes nothing into os.environ."""
     import distill

@@ -593,9 +593,14 @@ def export_assets(out):
 
 
 SWEEP = {  # --sweep: candidate Phase II settings, each run over the training seeds and judged on the validation split
-    "default": [], "disc_shift1": ["--disc_shift=1"], "disc_shift_res": ["--disc_shift=5", "--disc_shift_ref=32760"],
-    "r1_0.1": ["--lambda_r1=0.1"], "disc_steps2": ["--disc_steps=2"],
-    "frozen_g": ["--lr_phase2=0"], "frozen_g_shift1": ["--lr_phase2=0", "--disc_shift=1"]}  # can D tell a fixed G apart?
+    # round 1, from the old default (a fixed disc_shift 5, disc_shift_ref=0)
+    "fixed_shift5": ["--disc_shift_ref=0"], "disc_shift1": ["--disc_shift=1", "--disc_shift_ref=0"],
+    "disc_shift_res": ["--disc_shift=5", "--disc_shift_ref=32760"], "r1_0.1": ["--lambda_r1=0.1", "--disc_shift_ref=0"],
+    "disc_steps2": ["--disc_steps=2", "--disc_shift_ref=0"], "frozen_g": ["--lr_phase2=0", "--disc_shift_ref=0"],
+    "frozen_g_shift1": ["--lr_phase2=0", "--disc_shift=1", "--disc_shift_ref=0"],  # can D tell a fixed G apart?
+    # round 2, on top of the resolution-scaled shift (the default since round 1)
+    "res_r1_0.1": ["--lambda_r1=0.1"], "res_lr_disc_1e-4": ["--lr_disc=1e-4"], "res_taps6": ["--disc_taps=6"],
+    "res_queries16": ["--disc_queries=16"], "res_phase2_600": ["--phase2_steps=600"]}
 
 
 def main(argv=None):
