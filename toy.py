@@ -531,7 +531,8 @@ def disc_health(distill_dir):
                if k.startswith("val_acc@")}
         stats[run] = {"hinge_first": mean("loss_d", steps[:q]), "hinge_last": mean("loss_d", steps[-q:]),
                       "margin": mean("d_real") - mean("d_fake"), "acc": acc,
-                      "grad_ratio": float(np.mean([e["gx_adv"] / max(e["gx_csds"], 1e-12) for e in steps])),
+                      "grad_ratio": float(np.mean([e["gx_adv"] / e["gx_csds"] for e in steps]))  # nan: no C-SDS
+                      if all(e["gx_csds"] > 0 for e in steps) else float("nan"),
                       "at_chance": bool(acc) and max(acc.values()) < CHANCE}
     return stats
 
@@ -559,6 +560,13 @@ def report(results, times, argv, out, distill_dir, name="results"):
     lines += ["", "mean ± std over training seeds [mean std over noise seeds]; an ordering holds when the means differ "
               "by more than 2 pooled std over training seeds (over noise seeds for a single model):"]
     lines += [f"- {'held' if ok else 'DID NOT HOLD'}: {s}" for s, ok in held]
+    s1 = "V-PAE student, 1 step"
+    paired = [r for r in results if r.startswith("ablation") and s1 in results and len(results[r]["fd"]) > 1]
+    if paired:  # not the test above: rows of one training seed share its Phase I, so differences can be paired
+        lines += ["", "Per training seed, each ablation minus V-PAE (rows of one seed share its Phase I; a description, "
+                  "not the test above):", ""]
+        lines += [f"- {r}: " + "; ".join(f"{k} " + ", ".join(f"{d:+.2f}" for d in per_seed(results, r, k) - per_seed(
+            results, s1, k)) for k in ("fd", "w1", "in_range")) for r in paired]
     health = disc_health(distill_dir)
     sig = sorted({k for v in health.values() for k in v["acc"]}, key=float)
     lines += ["", "Phase II of each distillation run (log.jsonl): hinge loss over the first and last quarter (2 = chance), "
