@@ -675,13 +675,16 @@ def main(argv=None):
     steps = [f"--phase1_steps={cfg['phase1']}", f"--phase2_steps={cfg['phase2']}"]
     runs = {"full": []} if args.quick else {f"sweep_{k}": SWEEP[k] for k in args.sweep.split(",")} if args.sweep else RUNS
     d, jobs = os.path.join(out, "sweep" if args.sweep else "distill"), 1 if args.quick else args.jobs
-    threads = max(1, torch.get_num_threads() // jobs)
 
     def pool(todo):
         """Run the distillation jobs {name: (done, job)} whose output is missing, `jobs` at a time."""
-        todo = {k: j for k, (done, j) in todo.items() if not os.path.exists(done) or log(f"{k}: done before, skipped")}
+        for k in (k for k, (done, _) in todo.items() if os.path.exists(done)):
+            log(f"{k}: done before, skipped")
+        todo = {k: j for k, (done, j) in todo.items() if not os.path.exists(done)}
+        n = max(1, min(jobs, len(todo)))  # the threads of each job: the cores over the jobs that run at once
+        todo = {k: (*j, max(1, torch.get_num_threads() // n)) for k, j in todo.items()}
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) if jobs > 1 else contextlib.nullcontext() as ex:
+        with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) if n > 1 else contextlib.nullcontext() as ex:
             for name, sec in zip(todo, (ex.map if ex else map)(distill_job, todo.values())):
                 times[name] = sec
                 log(f"{name}: {sec:.0f}s")
@@ -690,10 +693,10 @@ def main(argv=None):
     shared = {t: os.path.join(out, "phase1", f"s{t}", f"ckpt_{cfg['phase1']:08d}") for t in cfg["train_seeds"]}
     if not args.quick:  # Phase I: once per training seed, shared by the runs of that seed
         pool({f"distill phase1 s{t}": (p, (ckpt, train_lat, val_lat, os.path.dirname(p), steps + [f"--seed={t}"],
-                                           logf(f"phase1_s{t}"), None, cfg["phase1"], threads)) for t, p in shared.items()})
+                                           logf(f"phase1_s{t}"), None, cfg["phase1"])) for t, p in shared.items()})
     pool({f"distill {k} s{t}": (os.path.join(d, f"{k}_s{t}", "student.safetensors"),
                                 (ckpt, train_lat, val_lat, os.path.join(d, f"{k}_s{t}"), steps + extra + [f"--seed={t}"],
-                                 logf(f"{k}_s{t}"), None if args.quick or "--phase1_steps=0" in extra else p, None, threads))
+                                 logf(f"{k}_s{t}"), None if args.quick or "--phase1_steps=0" in extra else p, None))
           for t, p in shared.items() for k, extra in runs.items()})
 
     t0 = time.time()
