@@ -286,9 +286,9 @@ def phase2_g_step(cfg, m, batch, rng):
         target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
     loss_csds = csds_loss(x0_hat, target)
     # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G
-    # (under sp > 1 the adversarial one is this rank's share of the tokens)
-    g_adv, g_csds = (torch.autograd.grad(loss, x0_hat, retain_graph=True)[0]
-                     for loss in (cfg.lambda_adv * loss_adv, cfg.lambda_csds * loss_csds))
+    # (under sp > 1 the adversarial one is this rank's share of the tokens). Each grad stops at x0_hat, so G's graph
+    # survives it while the backbone's is freed before G's backward.
+    g_adv, g_csds = (torch.autograd.grad(loss, x0_hat)[0] for loss in (cfg.lambda_adv * loss_adv, cfg.lambda_csds * loss_csds))
     x0_hat.backward(g_adv + g_csds)
     return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach(),
             "gx_adv": g_adv.norm().detach(), "gx_csds": g_csds.norm().detach()}

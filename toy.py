@@ -103,9 +103,12 @@ def displacement(video, colour, direction):
 
 
 def motion_correct(video, colour, direction, min_px=3.0):
-    """Whether the shape moves along the captioned direction: its displacement goes at least min_px along
-    `direction` and more along it than across."""
-    d = displacement(video, colour, direction)
+    """Whether the shape moves along the captioned direction (see along_direction)."""
+    return along_direction(displacement(video, colour, direction), min_px)
+
+
+def along_direction(d, min_px=3.0):
+    """For a displacement d of displacement(): it goes at least min_px along the direction and more along than across."""
     return d is not None and d[0] >= min_px and d[0] > d[1]
 
 
@@ -381,11 +384,11 @@ def score(videos, real, captions, real_along):
     words = [c.split() for c in captions]  # "a {colour} {shape} moving {direction}"
     ref = np.stack([clip_feature(v) for v in real.reshape(-1, *real.shape[2:])])
     areas = [colour_mask(r[0, :1], w[1]).sum() for r, w in zip(real, words)]
-    along = [(displacement(v, w[1], w[4]) or (np.nan,))[0] for v, w in zip(videos, words)]
+    disp = [displacement(v, w[1], w[4]) for v, w in zip(videos, words)]  # tracked once, for direction and speed
     return {"fd": frechet(np.stack([clip_feature(v) for v in videos]), ref),
             "psnr0": float(np.mean([psnr(v[0], r[0, 0]) for v, r in zip(videos, real)])),
-            "motion": float(np.mean([motion_correct(v, w[1], w[4]) for v, w in zip(videos, words)])),
-            **speed_metrics(along, real_along),
+            "motion": float(np.mean([along_direction(d) for d in disp])),
+            **speed_metrics([np.nan if d is None else d[0] for d in disp], real_along),
             "consistency": float(np.mean([consistency(v, w[1], a) for v, w, a in zip(videos, words, areas)]))}
 
 
@@ -527,8 +530,8 @@ def disc_health(distill_dir):
             continue
         q = max(1, len(steps) // 4)
         mean = lambda k, es=steps: float(np.mean([e[k] for e in es]))  # noqa: E731
-        acc = {k[8:]: v for k, v in ([e for e in steps if any(k.startswith("val_acc@") for k in e)] or [{}])[-1].items()
-               if k.startswith("val_acc@")}
+        evals = [e for e in steps if any(k.startswith("val_acc@") for k in e)]  # the last held-out evaluation
+        acc = {k[8:]: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("val_acc@")}
         stats[run] = {"hinge_first": mean("loss_d", steps[:q]), "hinge_last": mean("loss_d", steps[-q:]),
                       "margin": mean("d_real") - mean("d_fake"), "acc": acc,
                       "grad_ratio": float(np.mean([e["gx_adv"] / e["gx_csds"] for e in steps]))  # nan: no C-SDS
