@@ -3,7 +3,6 @@
 Module names equal the keys of the official files `models_t5_umt5-xxl-enc-bf16.pth` and (under `visual.`)
 `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`, so both load with a strict load_state_dict and no
 rename table. Sizes are read off the tensors, so tiny test files in the same layout take the same path.
-Facts: ../shared/spec/wan21.md section 5 (T5), section 6 and section 3 step 7 (CLIP).
 """
 import html
 import math

@@ -1,7 +1,7 @@
 """The Wan2.1 DiT, from scratch, with the official module names so official weights load unchanged.
 
 Reads top to bottom: helpers (sinusoid, RoPE) -> attention -> block -> head -> model -> presets -> loading.
-The facts (shapes, constants, dtypes) are in ../shared/spec/wan21.md section 1; section numbers below refer to it.
+The facts it relies on (shapes, constants, dtypes) are stated where they are used; the tests re-derive the math.
 """
 import json
 import math
@@ -348,7 +348,7 @@ class WanModel(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# the discriminator heads (V-PAE, ../shared/spec/method.md, Phase II)
+# the discriminator heads (V-PAE Phase II; README: "How V-PAE works")
 
 
 class DiscHead(nn.Module):

@@ -5,7 +5,7 @@
   python sample.py --image assets/example.png    # the bundled demo: its student, prompt, size from its config.json
 
 I2V or T2V follows the checkpoint's config.json. The I2V condition is built as the official pipeline builds it
-(../shared/spec/wan21.md section 3); the samplers are those of ../shared/spec/method.md, "Inference".
+(Wan2.1's own I2V pipeline); the samplers are those of the README's "How V-PAE works", "Inference".
 Under torchrun (WORLD_SIZE > 1) the DiT runs with Ulysses sequence parallelism over the ranks.
 """
 import argparse

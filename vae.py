@@ -1,7 +1,7 @@
 """The Wan2.1 video VAE, from scratch, with the official module names so Wan2.1_VAE.pth loads unchanged.
 
 Reads top to bottom: causal conv -> norm -> residual / attention / resample blocks -> encoder, decoder ->
-the VAE with chunked encode/decode, spatial tiling and loading. Facts: ../shared/spec/wan21.md section 4.
+the VAE with chunked encode/decode, spatial tiling and loading.
 
 Time is compressed 4x and space 8x8, causally: latent frame 0 encodes pixel frame 0 alone, latent frame k
 adds pixel frames 4k-3..4k and sees only earlier ones. Encode and decode run chunk by chunk ([0], [1..4],
