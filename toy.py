@@ -53,7 +53,7 @@ HELD_OUT = [("circle", "red", "up"), ("square", "green", "left"), ("triangle", "
 EVAL_SEED, EVAL_SPEEDS = 1000, 4  # the evaluation clips, and the real futures drawn for each of their conditions
 VAL_SEED = 2000  # the validation clips: other places, backgrounds and combinations; settings are chosen on them
 FULL = dict(vae_steps=(2000, 300), train_clips=1024, teacher_steps=3000, eval_clips=48, noise_seeds=(0, 1, 2),
-            train_seeds=(0, 1, 2), phase1=200, phase2=300)
+            train_seeds=(0, 1, 2), phase1=200, phase2=600)
 QUICK = dict(train_clips=64, eval_clips=16, noise_seeds=(0, 1), train_seeds=(0,), phase1=40, phase2=80)
 # the toy's recipe: the paper's losses and schedule shape, with lrs and head/LoRA sizes for a 1M-parameter model
 RECIPE = ["--batch_size=8", "--lr_phase1=1e-5", "--lr_phase2=1e-5", "--lr_fake=1e-4", "--lr_disc=1e-3",
