@@ -481,7 +481,7 @@ def lora_state(teacher, student, rank, dtype=torch.bfloat16):
     - each Linear of the blocks: `.lora_down.weight` and `.lora_up.weight` from a truncated SVD of (student -
       teacher) at rank min(rank, its sides), and `.alpha` = that rank (so the merge scale alpha / rank is 1);
     - each other Linear (text/time embeddings, time projection, head, image projection): the exact difference as
-      a pair (the difference and an identity), because diffusers' converter reads these only as pairs;
+      a pair (the difference and an identity) without alpha: diffusers' converter reads these only as such pairs;
     - biases as `.diff_b`, every other changed parameter (norms, modulations, patch embedding) as `.diff`.
     A module with any changed parameter is written whole (diffusers reads head.head.diff only beside its diff_b)."""
     sd, t_params = {}, dict(teacher.named_parameters())
@@ -507,8 +507,7 @@ def lora_state(teacher, student, rank, dtype=torch.bfloat16):
             else:
                 eye = torch.eye(min(d.shape))
                 up, down = (eye, d) if d.shape[0] <= d.shape[1] else (d, eye)
-                sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"] = up, down
-                sd[key + ".alpha"] = torch.tensor(float(min(d.shape)))
+                sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"] = up, down  # no alpha: scale 1
     return {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in sd.items()}
 
 
@@ -530,9 +529,9 @@ def export_lora(cfg):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"distill.py --export_lora: {e}")
     D.atomic(out, lambda f: save_file(sd, f))
-    pairs = sum(k.endswith(".alpha") for k in sd)
-    print(f"wrote {out}: {pairs} LoRA pairs, {len(sd) - 3 * pairs} full differences, "
-          f"{os.path.getsize(out) / 2**20:.1f} MiB")
+    pairs, low = sum(k.endswith(".lora_up.weight") for k in sd), sum(k.endswith(".alpha") for k in sd)
+    print(f"wrote {out}: {low} rank-{cfg.export_lora} pairs in the blocks, {pairs - low} exact pairs outside, "
+          f"{len(sd) - 2 * pairs - low} full differences, {os.path.getsize(out) / 2**20:.1f} MiB")
     return out
 
 
