@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -2076,3 +2077,41 @@ def test_lora_diffusers_converter_accepts_the_export(i2v_ckpt, lora_run):
                     torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0, msg=k)
             else:  # what diffusers drops: norms, modulations, the patch embedding
                 assert torch.equal(v, teacher[k]), k
+
+
+def test_offload_blocks_streams_one_ahead_and_matches_plain():
+    cfg = tiny_cfg("i2v", num_layers=4)
+    m = random_model(cfg)
+    x, t, ctx, kw = inputs(cfg)
+    with torch.no_grad():
+        want = m(x, t, ctx, **kw)
+        stream = sample.BlockStream(m, "cpu")
+        seen = []  # at each block's start: the blocks in place, and those copied or on their way
+        for b in m.blocks:
+            b.register_forward_pre_hook(lambda mod, a: seen.append(
+                ([j for j, o in enumerate(m.blocks) if o.ffn[0].weight.numel()], sorted(stream.ready))))
+        assert all(p.numel() == 0 for p in m.blocks.parameters())  # between calls, no block is resident
+        for _ in range(2):
+            assert torch.equal(m(x, t, ctx, **kw), want)
+    assert seen[:4] == [([0], [1]), ([1], [2]), ([2], [3]), ([3], [])] and seen[4:] == seen[:4]  # i runs, i+1 arrives
+    assert all(p.numel() == 0 for p in m.blocks.parameters()) and not stream.ready
+
+
+def test_sample_lora_offload_blocks_and_vae_dtype(i2v_ckpt, lora_run, image, tmp_path, capsys):
+    run, _ = lora_run
+    args = ["--ckpt_dir", i2v_ckpt, "--image", image, "--frames", "5", "--size", "32*32"]
+    vid = lambda name, *a: read_mp4(sample.main(args + ["--out", str(tmp_path / name), *a]))  # noqa: E731
+    plain = vid("plain.mp4", "--student", os.path.join(run, "student.safetensors"))
+    assert np.array_equal(vid("blocks.mp4", "--student", os.path.join(run, "student.safetensors"), "--offload",
+                              "blocks"), plain)
+    lora = vid("lora.mp4", "--lora", lora_file(run, 64), "--offload", "blocks")  # full rank: the student
+    assert np.abs(lora.astype(int) - plain).mean() < 0.2  # H.264 turns fp32 rounding into a few changed pixels
+    capsys.readouterr()
+    bf16 = vid("bf16.mp4", "--student", os.path.join(run, "student.safetensors"), "--vae_dtype", "bf16")
+    diff = np.abs(bf16.astype(int) - plain)
+    assert 0.5 < diff.mean() < 8  # the decode ran in bf16, near the fp32 one
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("time: "))
+    stages = dict(re.findall(r"(\w[\w ]*?) ([\d.]+)s", line.split(" | total")[0].removeprefix("time: ")))
+    total, without = map(float, re.search(r"total ([\d.]+)s, ([\d.]+)s without the VAE decode", line).groups())
+    assert list(stages) == ["load", "text", "image", "DiT", "VAE decode"]
+    assert abs(total - sum(map(float, stages.values()))) < 0.3 and abs(without - total + float(stages["VAE decode"])) < 0.3
