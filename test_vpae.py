@@ -2115,3 +2115,29 @@ def test_sample_lora_offload_blocks_and_vae_dtype(i2v_ckpt, lora_run, image, tmp
     total, without = map(float, re.search(r"total ([\d.]+)s, ([\d.]+)s without the VAE decode", line).groups())
     assert list(stages) == ["load", "text", "image", "DiT", "VAE decode"]
     assert abs(total - sum(map(float, stages.values()))) < 0.3 and abs(without - total + float(stages["VAE decode"])) < 0.3
+
+
+def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path):
+    # the pieces of `toy.py --lora-table` on the tiny checkpoint (width 64: ranks 16 and 64 = full); the command
+    # itself, on the bundled student, is `python toy.py --lora-table --quick` (about 1.5 min on 2 busy cores)
+    import toy
+    run, student = lora_run
+    path = os.path.join(run, "student.safetensors")
+    runs, rows = toy.lora_table(i2v_ckpt, [path], str(tmp_path), lambda msg: None)
+    assert list(runs) == ["full", "lora16", "lora64"] and runs["full"] == [path]
+    assert [r[1] for r in rows] == list(runs) and "(full)" in rows[2][0] and "(full)" not in rows[1][0]
+    teacher, want = WanModel.from_pretrained(i2v_ckpt).state_dict(), student.state_dict()
+    merged = WanModel.from_pretrained(i2v_ckpt, weights=runs["lora64"][0]).state_dict()
+    assert all(torch.allclose(merged[k], want[k], atol=1e-6, rtol=0) for k in want)
+    dropped = total = 0  # the rank-16 error from the singular values of each block Linear's difference
+    for k in want:
+        if k.startswith("blocks.") and want[k].dim() == 2:
+            s = torch.linalg.svdvals(want[k].double() - teacher[k].double())
+            dropped, total = dropped + s[16:].square().sum(), total + s.square().sum()
+    err = float(re.search(r"weight error ([\d.]+)", rows[1][0])[1])
+    assert abs(err - float(dropped / total) ** 0.5) < 1e-3 and err > 0.01
+    assert float(re.search(r"weight error ([\d.]+)", rows[2][0])[1]) == 0
+    assert os.path.isfile(tmp_path / "lora" / "s0" / "student_lora_rank16.safetensors")
+    with pytest.raises(SystemExit, match=r"full_s0/student.safetensors not found: run `python toy.py` first"):
+        toy.main(["--lora-table", "--out", str(tmp_path / "none")])
+    assert not os.path.exists(tmp_path / "none")
