@@ -515,7 +515,8 @@ def export_lora(cfg):
     """--export_lora=RANK: OUT/student.safetensors as a LoRA of --teacher (lora_state) in
     OUT/student_lora_rank{RANK}.safetensors. A RANK of at least the model width is exact (full rank)."""
     from safetensors.torch import save_file
-    student, out = (os.path.join(cfg.out, f) for f in ("student.safetensors", f"student_lora_rank{cfg.export_lora}.safetensors"))
+    student = os.path.join(cfg.out, "student.safetensors")
+    out = os.path.join(cfg.out, f"student_lora_rank{cfg.export_lora}.safetensors")
     if cfg.export_lora < 0:
         sys.exit(f"--export_lora={cfg.export_lora}: give a rank of at least 1")
     if not os.path.isfile(student):

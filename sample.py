@@ -182,7 +182,7 @@ def merge_lora(dit, path, scale=1.0):
             alpha = float(p["alpha"][1]) if "alpha" in p else p["down"][1].shape[0]
             todo.append((p["down"][0], weight, scale * alpha / p["down"][1].shape[0], p["up"][1], p["down"][1]))
         else:
-            bad += [f"{k} (half a lora_down/lora_up pair)" for part, (k, _) in p.items() if part in ("down", "up", "alpha")]
+            bad += [f"{k} (half a lora_down/lora_up pair)" for part, (k, _) in p.items() if part not in ("diff", "diff_b")]
         if "diff" in p:
             todo.append((p["diff"][0], weight, scale, p["diff"][1], None))
         if "diff_b" in p:
@@ -192,8 +192,8 @@ def merge_lora(dit, path, scale=1.0):
         if b is None:
             return tuple(a.shape)
         return (a.shape[0], b.shape[1]) if a.dim() == b.dim() == 2 and a.shape[1] == b.shape[0] else None
-    bad += [f"{k} (no such weight)" if w is None else f"{k} (an update of {shape(a, b)} for a weight of {tuple(w.shape)})"
-            for k, w, _, a, b in todo if w is None or shape(a, b) != tuple(w.shape)]
+    bad += [f"{k} (no such weight)" if w is None else f"{k} (an update of {shape(a, b)} for a weight of "
+            f"{tuple(w.shape)})" for k, w, _, a, b in todo if w is None or shape(a, b) != tuple(w.shape)]
     if bad:
         more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
         raise ValueError(f"--lora {path}: {len(bad)} key(s) fit no weight of this {dit.cfg.model_type} DiT: "
@@ -237,7 +237,7 @@ class BlockStream:
     def enter(self, i):
         self.fetch(i)  # block 0 of each call: nothing to overlap with
         weights, copied = self.ready.pop(i)
-        if copied is not None:  # compute waits for the copy; the allocator must not reuse the memory before compute ends
+        if copied is not None:  # compute waits for the copy; the memory is not reused before compute is done
             torch.cuda.current_stream(self.device).wait_event(copied)
             for t in weights.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
@@ -435,7 +435,8 @@ def get_parser():
     p.add_argument("--offload", nargs="?", const="models", choices=["models", "blocks"],
                    help="keep each model on the GPU only while it runs; 'blocks': also stream the DiT's blocks from "
                    "pinned CPU memory, one ahead of the compute (14B in one step on a small GPU)")
-    p.add_argument("--vae_dtype", default="fp32", choices=list(VAE_DTYPES), help="VAE decode dtype (encoding stays fp32)")
+    p.add_argument("--vae_dtype", default="fp32", choices=list(VAE_DTYPES),
+                   help="the VAE decode's dtype (default fp32; encoding stays fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--tile", type=int, help="VAE decode in spatial tiles of this many latent pixels (e.g. 32)")
     return p

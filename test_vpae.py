@@ -2124,7 +2124,7 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
     run, student = lora_run
     path = os.path.join(run, "student.safetensors")
     runs, rows = toy.lora_table(i2v_ckpt, [path], str(tmp_path), lambda msg: None)
-    assert list(runs) == ["full", "lora16", "lora64"] and runs["full"] == [path]
+    assert list(runs) == ["full", "lora16", "lora64", "diffusers"] and runs["full"] == [path]
     assert [r[1] for r in rows] == list(runs) and "(full)" in rows[2][0] and "(full)" not in rows[1][0]
     teacher, want = WanModel.from_pretrained(i2v_ckpt).state_dict(), student.state_dict()
     merged = WanModel.from_pretrained(i2v_ckpt, weights=runs["lora64"][0]).state_dict()
@@ -2137,6 +2137,10 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
     err = float(re.search(r"weight error ([\d.]+)", rows[1][0])[1])
     assert abs(err - float(dropped / total) ** 0.5) < 1e-3 and err > 0.01
     assert float(re.search(r"weight error ([\d.]+)", rows[2][0])[1]) == 0
+    kept = WanModel.from_pretrained(i2v_ckpt, weights=runs["diffusers"][0]).state_dict()  # the Linears' differences only
+    assert torch.equal(kept["blocks.1.ffn.2.bias"], merged["blocks.1.ffn.2.bias"])
+    assert torch.equal(kept["blocks.1.modulation"], teacher["blocks.1.modulation"]) and not torch.equal(
+        kept["blocks.1.modulation"], want["blocks.1.modulation"])
     assert os.path.isfile(tmp_path / "lora" / "s0" / "student_lora_rank16.safetensors")
     with pytest.raises(SystemExit, match=r"full_s0/student.safetensors not found: run `python toy.py` first"):
         toy.main(["--lora-table", "--out", str(tmp_path / "none")])

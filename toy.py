@@ -328,8 +328,7 @@ def train_teacher(ckpt, latents, steps, log, batch_size=32, lr=3e-4):
         D.ema_update(ema, model, 0.999 if step > 500 else 0.0)
         if step % 200 == 0 or step == steps - 1:
             log(f"teacher step {step}: loss {loss.item():.4f}")
-    data.atomic(os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
-                lambda f: save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, f))
+    save_state(ema.state_dict(), os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
 
 
 def distill_job(job):
@@ -573,7 +572,8 @@ def report(results, times, argv, out, distill_dir, name="results"):
             results, s1, k)) for k in ("fd", "w1", "in_range")) for r in paired]
     health = disc_health(distill_dir) if distill_dir else {}
     sig = sorted({k for v in health.values() for k in v["acc"]}, key=float)
-    lines += [] if not health else ["", "Phase II of each distillation run (log.jsonl): hinge loss over the first and last quarter (2 = chance), "
+    lines += [] if not health else [
+              "", "Phase II of each distillation run (log.jsonl): hinge loss over the first and last quarter (2 = chance), "
               "D(real) - D(fake), held-out accuracy at each sigma_d at the end, |grad adv| / |grad C-SDS| at x0_hat:", "",
               "| run | hinge first → last | D(real) - D(fake) | " + " | ".join(f"acc σ={s}" for s in sig) +
               " | grad ratio | |", "|---|---|---|" + "---|" * len(sig) + "---|---|"]
@@ -610,7 +610,7 @@ def lora_table(ckpt, students, out, log):
         runs[f"lora{r}"], err = [], []
         for t, path in enumerate(students):
             d = os.path.join(out, "lora", f"s{t}")
-            lora, merged = os.path.join(d, f"student_lora_rank{r}.safetensors"), os.path.join(d, f"merged_rank{r}.safetensors")
+            lora, merged = (os.path.join(d, f"{f}{r}.safetensors") for f in ("student_lora_rank", "merged_rank"))
             if not os.path.exists(lora):
                 os.makedirs(d, exist_ok=True)
                 shutil.copy(path, os.path.join(d, "student.safetensors"))
@@ -618,13 +618,26 @@ def lora_table(ckpt, students, out, log):
                     D.main([f"--teacher={ckpt}", f"--out={d}", f"--export_lora={r}", "--export_dtype=fp32"])
             model = sample.load_dit(ckpt, torch.float32, "cpu", loras=[(lora, 1.0)])
             err.append(lora_error(teacher, sample.load_dit(ckpt, torch.float32, "cpu", path), model))
-            data.atomic(merged, lambda f: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f))
+            save_state(model.state_dict(), merged)
             runs[f"lora{r}"].append(merged)
         name = f"LoRA rank {r}{' (full)' if r == teacher.cfg.dim else ''}, {os.path.getsize(lora) / 2**20:.1f} MiB, " \
                f"weight error {np.mean(err):.3f}, 1 step"
         rows.append((name, f"lora{r}", "x0", 1, 1))
         log(f"{name}: weight error per student " + ", ".join(f"{e:.4f}" for e in err))
+    # the full-rank LoRA as diffusers loads it: its Wan converter drops every difference but the Linears' (norms,
+    # modulations, patch embedding; it logs that it does)
+    lin = {n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)}
+    t_sd, runs["diffusers"] = teacher.state_dict(), []
+    for merged in runs[rows[-1][1]]:
+        sd = WanModel.from_pretrained(ckpt, weights=merged).state_dict()
+        runs["diffusers"].append(merged.replace("merged_rank", "diffusers_rank"))
+        save_state({k: v if k.rpartition(".")[0] in lin else t_sd[k] for k, v in sd.items()}, runs["diffusers"][-1])
+    rows.append(("LoRA full rank, what diffusers keeps of it, 1 step", "diffusers", "x0", 1, 1))
     return runs, rows
+
+
+def save_state(sd, path):
+    data.atomic(path, lambda f: save_file({k: v.contiguous() for k, v in sd.items()}, f))
 
 
 def export_assets(out):
@@ -661,8 +674,8 @@ def main(argv=None):
     p.add_argument("--export-assets", action="store_true", help="after the pipeline, copy its models into assets/")
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), metavar="NAMES",
                    help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
-    p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier "
-                   "run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the evaluation split")
+    p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier"
+                   " run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the eval split")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
