@@ -498,7 +498,7 @@ def lora_state(teacher, student, rank, dtype=torch.bfloat16):
             elif not isinstance(mod, nn.Linear):
                 sd[key + ".diff"] = d
             elif name.startswith("blocks."):
-                dev = "cuda" if torch.cuda.is_available() else "cpu"  # 480 SVDs at 14B: minutes on a GPU
+                dev = "cuda" if torch.cuda.is_available() else "cpu"  # 480 SVDs at 14B: on a GPU when there is one
                 U, S, Vh = torch.linalg.svd(d.to(dev), full_matrices=False)
                 r = min(rank, len(S))
                 sd[key + ".lora_up.weight"] = (U[:, :r] * S[:r].sqrt()).cpu()  # (out, r)
