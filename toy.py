@@ -602,8 +602,10 @@ def lora_error(teacher, student, merged):
 
 def lora_table(ckpt, students, out, log):
     """--lora-table: each student exported as a LoRA of the teacher (distill.py --export_lora) at LORA_RANKS and
-    full rank, merged back as sample.py --lora does, into OUT/lora/s<seed>/. Returns {run: [merged file per
-    student]} and the evaluation rows, whose names carry the file size and the weight error (lora_error)."""
+    full rank, merged back as sample.py --lora does, into OUT/lora/s<seed>/ (rebuilt on each call: seconds, and never
+    stale). Returns {run: [merged file per student]} and the evaluation rows, whose names carry the file size and
+    the weight error (lora_error)."""
+    shutil.rmtree(os.path.join(out, "lora"), ignore_errors=True)
     teacher, runs = WanModel.from_pretrained(ckpt), {"full": students}
     rows = [("V-PAE student, 1 step", "full", "x0", 1, 1)]
     for r in sorted({min(r, teacher.cfg.dim) for r in (*LORA_RANKS, teacher.cfg.dim)}):
@@ -611,11 +613,10 @@ def lora_table(ckpt, students, out, log):
         for t, path in enumerate(students):
             d = os.path.join(out, "lora", f"s{t}")
             lora, merged = (os.path.join(d, f"{f}{r}.safetensors") for f in ("student_lora_rank", "merged_rank"))
-            if not os.path.exists(lora):
-                os.makedirs(d, exist_ok=True)
-                shutil.copy(path, os.path.join(d, "student.safetensors"))
-                with contextlib.redirect_stdout(io.StringIO()):
-                    D.main([f"--teacher={ckpt}", f"--out={d}", f"--export_lora={r}", "--export_dtype=fp32"])
+            os.makedirs(d, exist_ok=True)
+            shutil.copy(path, os.path.join(d, "student.safetensors"))
+            with contextlib.redirect_stdout(io.StringIO()):
+                D.main([f"--teacher={ckpt}", f"--out={d}", f"--export_lora={r}", "--export_dtype=fp32"])
             model = sample.load_dit(ckpt, torch.float32, "cpu", loras=[(lora, 1.0)])
             err.append(lora_error(teacher, sample.load_dit(ckpt, torch.float32, "cpu", path), model))
             save_state(model.state_dict(), merged)
