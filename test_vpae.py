@@ -2069,7 +2069,7 @@ def test_lora_diffusers_converter_accepts_the_export(i2v_ckpt, lora_run):
                 placed.add(name)
         lin = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
         assert placed == set(lin)  # every Linear's update reaches diffusers
-        want = {k: v for k, v in student.state_dict().items()}
+        want = student.state_dict()
         teacher = WanModel.from_pretrained(i2v_ckpt).state_dict()
         for k, v in m.state_dict().items():
             if k.rpartition(".")[0] in lin:
