@@ -2,6 +2,7 @@
 
   torchrun --nproc_per_node=8 distill.py --teacher=Wan2.1-I2V-14B-480P --data=latents/ --out=run/ --sp=8
   python distill.py --teacher=... --data=... --out=...            # one process works too
+  python distill.py --export_lora=64 --teacher=... --out=run/     # run/student.safetensors as a rank-64 LoRA
 
 Phase I (stability priming): a DMD gradient pulls the one-step output towards the CFG teacher, against a
 LoRA "fake" score that tracks the generator. Phase II (unified adversarial equilibrium): a hinge GAN whose
@@ -81,7 +82,8 @@ class Config:
     ckpt_every: int = 100
     keep_ckpts: int = 3  # the newest k complete checkpoints are kept
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
-    export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) [ours]
+    export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
+    export_lora: int = 0  # RANK > 0: only write OUT/student.safetensors as a LoRA of --teacher (see export_lora)
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
     tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
     val_data: str = ""  # a precomputed folder of held-out clips: D's real-vs-fake accuracy is logged on them [ours]
@@ -472,6 +474,68 @@ def export_student(cfg, m):
     dist.barrier()
 
 
+@torch.no_grad()
+def lora_state(teacher, student, rank, dtype=torch.bfloat16):
+    """The student as a LoRA of the teacher, {key: tensor}, in the format of ComfyUI's Wan LoRA loader and diffusers'
+    _convert_non_diffusers_wan_lora_to_diffusers: the original Wan names prefixed `diffusion_model.`.
+    - each Linear of the blocks: `.lora_down.weight` and `.lora_up.weight` from a truncated SVD of (student -
+      teacher) at rank min(rank, its sides), and `.alpha` = that rank (so the merge scale alpha / rank is 1);
+    - each other Linear (text/time embeddings, time projection, head, image projection): the exact difference as
+      a pair (the difference and an identity) without alpha: diffusers' converter reads these only as such pairs;
+    - biases as `.diff_b`, every other changed parameter (norms, modulations, patch embedding) as `.diff`.
+    A module with any changed parameter is written whole (diffusers reads head.head.diff only beside its diff_b)."""
+    sd, t_params = {}, dict(teacher.named_parameters())
+    for name, mod in student.named_modules():
+        diffs = {k: p.float() - t_params[f"{name}.{k}"].float() for k, p in mod.named_parameters(recurse=False)}
+        if not any(d.any() for d in diffs.values()):
+            continue
+        key = "diffusion_model." + name
+        for k, d in diffs.items():
+            if k == "bias":
+                sd[key + ".diff_b"] = d
+            elif k != "weight":  # a bare parameter: blocks.i.modulation, head.modulation, img_emb.emb_pos
+                sd[f"{key}.{k}.diff"] = d
+            elif not isinstance(mod, nn.Linear):
+                sd[key + ".diff"] = d
+            elif name.startswith("blocks."):
+                dev = "cuda" if torch.cuda.is_available() else "cpu"  # 480 SVDs at 14B: on a GPU when there is one
+                U, S, Vh = torch.linalg.svd(d.to(dev), full_matrices=False)
+                r = min(rank, len(S))
+                sd[key + ".lora_up.weight"] = (U[:, :r] * S[:r].sqrt()).cpu()  # (out, r)
+                sd[key + ".lora_down.weight"] = (S[:r, None].sqrt() * Vh[:r]).cpu()  # (r, in)
+                sd[key + ".alpha"] = torch.tensor(float(r))
+            else:
+                eye = torch.eye(min(d.shape))
+                up, down = (eye, d) if d.shape[0] <= d.shape[1] else (d, eye)
+                sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"] = up, down  # no alpha: scale 1
+    return {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def export_lora(cfg):
+    """--export_lora=RANK: OUT/student.safetensors as a LoRA of --teacher (lora_state) in
+    OUT/student_lora_rank{RANK}.safetensors. A RANK of at least the model width is exact (full rank)."""
+    from safetensors.torch import save_file
+    student = os.path.join(cfg.out, "student.safetensors")
+    out = os.path.join(cfg.out, f"student_lora_rank{cfg.export_lora}.safetensors")
+    if cfg.export_lora < 0:
+        sys.exit(f"--export_lora={cfg.export_lora}: give a rank of at least 1")
+    if not os.path.isfile(student):
+        sys.exit(f"{student} not found: --out must be a finished distill.py run (or a folder with its student)")
+    if os.path.exists(out):
+        sys.exit(f"{out} exists: delete it to export again")
+    try:
+        teacher = WanModel.from_pretrained(cfg.teacher)  # both memory-mapped; each difference is made in turn
+        sd = lora_state(teacher, WanModel.from_pretrained(cfg.teacher, weights=student), cfg.export_lora,
+                        {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"distill.py --export_lora: {e}")
+    D.atomic(out, lambda f: save_file(sd, f))
+    pairs, low = sum(k.endswith(".lora_up.weight") for k in sd), sum(k.endswith(".alpha") for k in sd)
+    print(f"wrote {out}: {low} rank-{cfg.export_lora} pairs in the blocks, {pairs - low} exact pairs outside, "
+          f"{len(sd) - 2 * pairs - low} full differences, {os.path.getsize(out) / 2**20:.1f} MiB")
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -479,6 +543,8 @@ def export_student(cfg, m):
 def main(argv, launch=None):
     """launch: (rank, world size, local rank, init method); default launch_env(). In-process callers pass nothing."""
     cfg = parse_args(argv)
+    if cfg.export_lora:
+        return export_lora(cfg)
     device, dp_rank, dp, sp_group = setup_dist(cfg, *(launch or launch_env()))
     rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):

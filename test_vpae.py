@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -1913,3 +1914,234 @@ def test_kernel_tiny_model_kernels_vs_torch(K, monkeypatch):
 
 if __name__ == "__main__" and sys.argv[1] == "sp":
     sp_worker(sys.argv[2])
+
+
+# =============================================================================
+# LoRAs: distill.py --export_lora, sample.py --lora; sample.py --offload blocks
+
+import distill  # noqa: E402
+
+BLOCK_LINEARS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                 "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2"]  # the issue's list
+
+
+@pytest.fixture(scope="module")
+def lora_run(i2v_ckpt, tmp_path_factory):
+    """A run folder with a student of the tiny i2v teacher (every parameter moved but the patch embedding's),
+    and its LoRA exports at rank 4 (truncated) and 64 (the width: exact), fp32."""
+    run = str(tmp_path_factory.mktemp("lora_run"))
+    student, g = WanModel.from_pretrained(i2v_ckpt), torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if not name.startswith("patch_embedding"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, os.path.join(run, "student.safetensors"))
+    for r in (4, 64):
+        distill.main([f"--export_lora={r}", f"--teacher={i2v_ckpt}", f"--out={run}", "--export_dtype=fp32"])
+    return run, student
+
+
+def lora_file(run, r):
+    return os.path.join(run, f"student_lora_rank{r}.safetensors")
+
+
+def test_lora_round_trip(i2v_ckpt, lora_run):
+    run, student = lora_run
+    teacher, want = WanModel.from_pretrained(i2v_ckpt).state_dict(), student.state_dict()
+    full = sample.load_dit(i2v_ckpt, torch.float32, "cpu", loras=[(lora_file(run, 64), 1.0)])
+    for k, v in full.state_dict().items():  # full rank: the student, up to fp32 rounding of the SVD
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0, msg=k)
+    x, t, ctx, kw = inputs(full.cfg, L=5)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x, t, ctx, **kw), student(x, t, ctx, **kw), atol=1e-5, rtol=1e-5)
+    low = sample.load_dit(i2v_ckpt, torch.float32, "cpu", loras=[(lora_file(run, 4), 1.0)]).state_dict()
+    for k in want:  # rank 4: each block Linear's error is what the SVD drops, everything else is exact
+        if k.endswith(".weight") and any(k.endswith(f"{n}.weight") for n in BLOCK_LINEARS):
+            dropped = torch.linalg.svdvals(want[k].double() - teacher[k].double())[4:].square().sum().sqrt()
+            assert dropped > 0.01
+            torch.testing.assert_close((low[k] - want[k]).double().norm(), dropped, rtol=1e-4, atol=0, msg=k)
+        else:
+            torch.testing.assert_close(low[k], want[k], atol=1e-6, rtol=0, msg=k)
+    half = sample.load_dit(i2v_ckpt, torch.float32, "cpu", loras=[(lora_file(run, 64), 0.5)] * 2)  # SCALE, repeated
+    torch.testing.assert_close(half.state_dict()["blocks.1.ffn.2.weight"], want["blocks.1.ffn.2.weight"], atol=1e-6, rtol=0)
+    assert sample.parse_lora("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+    assert sample.parse_lora("c:/b.safetensors") == ("c:/b.safetensors", 1.0)
+
+
+def test_lora_key_format(i2v_ckpt, lora_run):
+    from safetensors.torch import load_file
+    run, _ = lora_run
+    sd = load_file(lora_file(run, 4))
+    assert all(k.startswith("diffusion_model.") for k in sd)
+    names = {k.removeprefix("diffusion_model.") for k in sd}
+    for i in range(2):
+        for n in BLOCK_LINEARS:
+            p = f"blocks.{i}.{n}"
+            lin = WanModel.from_pretrained(i2v_ckpt).get_submodule(p)
+            assert sd[f"diffusion_model.{p}.lora_down.weight"].shape == (4, lin.in_features)
+            assert sd[f"diffusion_model.{p}.lora_up.weight"].shape == (lin.out_features, 4)
+            assert sd[f"diffusion_model.{p}.alpha"].item() == 4 and f"{p}.diff_b" in names
+        assert {f"blocks.{i}.modulation.diff", f"blocks.{i}.norm3.diff", f"blocks.{i}.norm3.diff_b",
+                f"blocks.{i}.self_attn.norm_q.diff", f"blocks.{i}.cross_attn.norm_k_img.diff"} <= names
+    for n in ("text_embedding.0", "time_embedding.2", "time_projection.1", "head.head", "img_emb.proj.1"):
+        assert {f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.diff_b"} <= names and f"{n}.alpha" not in names
+    assert {"head.modulation.diff", "img_emb.proj.0.diff", "img_emb.proj.0.diff_b"} <= names
+    assert not any(k.startswith("patch_embedding") for k in names)  # unchanged: not written
+    assert not any(w in k for k in names for w in ("attn1", "attn2", "to_q", "lora_A"))  # no diffusers names
+    assert {k.split(".")[-1] for k in names} == {"weight", "alpha", "diff", "diff_b"}
+    assert len({v.dtype for v in sd.values()}) == 1
+
+
+def test_lora_spellings_and_errors(i2v_ckpt, lora_run, image, tmp_path, capsys):
+    from safetensors.torch import load_file
+    run, student = lora_run
+    sd = load_file(lora_file(run, 64))
+    other = {k.removeprefix("diffusion_model.").replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v
+             for k, v in sd.items()}  # the lora_A/lora_B spelling, without the prefix
+    save_file(other, str(tmp_path / "ab.safetensors"))
+    m = sample.load_dit(i2v_ckpt, torch.float32, "cpu", loras=[(str(tmp_path / "ab.safetensors"), 1.0)])
+    torch.testing.assert_close(m.state_dict()["blocks.0.cross_attn.k_img.weight"],
+                               student.state_dict()["blocks.0.cross_attn.k_img.weight"], atol=1e-6, rtol=0)
+    bad = dict(sd)
+    bad["diffusion_model.blocks.7.ffn.0.diff_b"] = torch.zeros(96)  # no block 7
+    bad["diffusion_model.blocks.0.ffn.0.diff_b"] = torch.zeros(5)  # wrong shape
+    del bad["diffusion_model.blocks.1.self_attn.q.lora_up.weight"]  # half a pair
+    bad["diffusion_model.blocks.0.ffn.0.lora_mid.weight"] = torch.zeros(1)  # not a LoRA key
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    teacher = WanModel.from_pretrained(i2v_ckpt)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        sample.merge_lora(teacher, str(tmp_path / "bad.safetensors"))
+    for needle in ("blocks.7.ffn.0.diff_b (no such weight)", "blocks.0.ffn.0.diff_b (an update of (5,)",
+                   "blocks.1.self_attn.q.lora_down.weight (half", "blocks.1.self_attn.q.alpha (half",
+                   "lora_mid.weight (not a LoRA key)", "5 key(s)"):
+        assert needle in str(e.value), needle
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # nothing merged
+    args = ["--ckpt_dir", i2v_ckpt, "--image", image, "--frames", "5", "--size", "32*32", "--out", str(tmp_path / "o.mp4")]
+    for lora, needle in ((str(tmp_path / "bad.safetensors"), "no such weight"), ("nope.safetensors", "--lora nope")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(args + ["--lora", lora])
+        assert str(e.value.code).startswith("sample.py: error: ") and needle in str(e.value.code)
+        assert "\n" not in str(e.value.code)
+    # the export: a missing student, an existing output (left alone), a folder that is no checkpoint
+    for argv, needle in (([f"--teacher={i2v_ckpt}", f"--out={tmp_path}"], "student.safetensors not found"),
+                         ([f"--teacher={i2v_ckpt}", f"--out={run}"], "exists: delete it"),
+                         ([f"--teacher={tmp_path}", f"--out={run}", "--export_lora=5"], "config.json not found")):
+        size = os.path.getsize(lora_file(run, 4))
+        with pytest.raises(SystemExit, match=needle):
+            distill.main(argv + (["--export_lora=4"] if "--export_lora=5" not in argv else []))
+        assert os.path.getsize(lora_file(run, 4)) == size
+    assert not os.path.exists(os.path.join(run, "student_lora_rank5.safetensors"))
+
+
+# diffusers' WanTransformer3DModel names -> Wan's, for the modules its LoRA converter writes
+DIFFUSERS_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                   "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                   "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "attn2.add_k_proj": "cross_attn.k_img",
+                   "attn2.add_v_proj": "cross_attn.v_img", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+                   "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+                   "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+                   "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+                   "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+                   "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
+                   "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+                   "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3"}
+
+
+def test_lora_diffusers_converter_accepts_the_export(i2v_ckpt, lora_run):
+    pytest.importorskip("diffusers")  # optional: diffusers is not a dependency
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+    from safetensors.torch import load_file
+    run, student = lora_run
+    for r in (4, 64):
+        conv = _convert_non_diffusers_wan_lora_to_diffusers(load_file(lora_file(run, r)))
+        m = WanModel.from_pretrained(i2v_ckpt)
+        params, placed = dict(m.named_parameters()), set()
+        with torch.no_grad():  # merge the converted LoRA by diffusers' names: W += B @ A, b += lora_B.bias
+            for k, v in conv.items():
+                mod, kind = k.removeprefix("transformer.").rsplit(".lora_", 1)
+                _, i, rest = mod.split(".", 2) if mod.startswith("blocks.") else (None, None, mod)
+                name = (f"blocks.{i}." if i else "") + DIFFUSERS_NAMES[rest]
+                if kind == "A.weight":
+                    params[name + ".weight"].add_(conv[k.replace("lora_A", "lora_B")] @ v)
+                elif kind == "B.bias":
+                    params[name + ".bias"].add_(v)
+                placed.add(name)
+        lin = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+        assert placed == set(lin)  # every Linear's update reaches diffusers
+        want = student.state_dict()
+        teacher = WanModel.from_pretrained(i2v_ckpt).state_dict()
+        for k, v in m.state_dict().items():
+            if k.rpartition(".")[0] in lin:
+                if r == 64 or not k.startswith("blocks.") or k.endswith(".bias"):
+                    torch.testing.assert_close(v, want[k], atol=1e-6, rtol=0, msg=k)
+            else:  # what diffusers drops: norms, modulations, the patch embedding
+                assert torch.equal(v, teacher[k]), k
+
+
+def test_offload_blocks_streams_one_ahead_and_matches_plain():
+    cfg = tiny_cfg("i2v", num_layers=4)
+    m = random_model(cfg)
+    x, t, ctx, kw = inputs(cfg)
+    with torch.no_grad():
+        want = m(x, t, ctx, **kw)
+        stream = sample.BlockStream(m, "cpu")
+        seen = []  # at each block's start: the blocks in place, and those copied or on their way
+        for b in m.blocks:
+            b.register_forward_pre_hook(lambda mod, a: seen.append(
+                ([j for j, o in enumerate(m.blocks) if o.ffn[0].weight.numel()], sorted(stream.ready))))
+        assert all(p.numel() == 0 for p in m.blocks.parameters())  # between calls, no block is resident
+        for _ in range(2):
+            assert torch.equal(m(x, t, ctx, **kw), want)
+    assert seen[:4] == [([0], [1]), ([1], [2]), ([2], [3]), ([3], [])] and seen[4:] == seen[:4]  # i runs, i+1 arrives
+    assert all(p.numel() == 0 for p in m.blocks.parameters()) and not stream.ready
+
+
+def test_sample_lora_offload_blocks_and_vae_dtype(i2v_ckpt, lora_run, image, tmp_path, capsys):
+    run, _ = lora_run
+    args = ["--ckpt_dir", i2v_ckpt, "--image", image, "--frames", "5", "--size", "32*32"]
+    vid = lambda name, *a: read_mp4(sample.main(args + ["--out", str(tmp_path / name), *a]))  # noqa: E731
+    plain = vid("plain.mp4", "--student", os.path.join(run, "student.safetensors"))
+    assert np.array_equal(vid("blocks.mp4", "--student", os.path.join(run, "student.safetensors"), "--offload",
+                              "blocks"), plain)
+    lora = vid("lora.mp4", "--lora", lora_file(run, 64), "--offload", "blocks")  # full rank: the student
+    assert np.abs(lora.astype(int) - plain).mean() < 0.2  # H.264 turns fp32 rounding into a few changed pixels
+    capsys.readouterr()
+    bf16 = vid("bf16.mp4", "--student", os.path.join(run, "student.safetensors"), "--vae_dtype", "bf16")
+    diff = np.abs(bf16.astype(int) - plain)
+    assert 0.5 < diff.mean() < 8  # the decode ran in bf16, near the fp32 one
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("time: "))
+    stages = dict(re.findall(r"(\w[\w ]*?) ([\d.]+)s", line.split(" | total")[0].removeprefix("time: ")))
+    total, without = map(float, re.search(r"total ([\d.]+)s, ([\d.]+)s without the VAE decode", line).groups())
+    assert list(stages) == ["load", "text", "image", "DiT", "VAE decode"]
+    assert abs(total - sum(map(float, stages.values()))) < 0.3 and abs(without - total + float(stages["VAE decode"])) < 0.3
+
+
+def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path):
+    # the pieces of `toy.py --lora-table` on the tiny checkpoint (width 64: ranks 16 and 64 = full); the command
+    # itself, on the bundled student, is `python toy.py --lora-table --quick` (about 1.5 min on 2 busy cores)
+    import toy
+    run, student = lora_run
+    path = os.path.join(run, "student.safetensors")
+    runs, rows = toy.lora_table(i2v_ckpt, [path], str(tmp_path), lambda msg: None)
+    assert list(runs) == ["full", "lora16", "lora64", "diffusers"] and runs["full"] == [path]
+    assert [r[1] for r in rows] == list(runs) and "(full)" in rows[2][0] and "(full)" not in rows[1][0]
+    teacher, want = WanModel.from_pretrained(i2v_ckpt).state_dict(), student.state_dict()
+    merged = WanModel.from_pretrained(i2v_ckpt, weights=runs["lora64"][0]).state_dict()
+    assert all(torch.allclose(merged[k], want[k], atol=1e-6, rtol=0) for k in want)
+    dropped = total = 0  # the rank-16 error from the singular values of each block Linear's difference
+    for k in want:
+        if k.startswith("blocks.") and want[k].dim() == 2:
+            s = torch.linalg.svdvals(want[k].double() - teacher[k].double())
+            dropped, total = dropped + s[16:].square().sum(), total + s.square().sum()
+    err = float(re.search(r"weight error ([\d.]+)", rows[1][0])[1])
+    assert abs(err - float(dropped / total) ** 0.5) < 1e-3 and err > 0.01
+    assert float(re.search(r"weight error ([\d.]+)", rows[2][0])[1]) == 0
+    kept = WanModel.from_pretrained(i2v_ckpt, weights=runs["diffusers"][0]).state_dict()  # the Linears' differences only
+    assert torch.equal(kept["blocks.1.ffn.2.bias"], merged["blocks.1.ffn.2.bias"])
+    assert torch.equal(kept["blocks.1.modulation"], teacher["blocks.1.modulation"]) and not torch.equal(
+        kept["blocks.1.modulation"], want["blocks.1.modulation"])
+    assert os.path.isfile(tmp_path / "lora" / "s0" / "student_lora_rank16.safetensors")
+    with pytest.raises(SystemExit, match=r"full_s0/student.safetensors not found: run `python toy.py` first"):
+        toy.main(["--lora-table", "--out", str(tmp_path / "none")])
+    assert not os.path.exists(tmp_path / "none")
