@@ -11,6 +11,7 @@ folder holds manifest.json, neg_context.safetensors and shard_*.safetensors with
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -135,8 +136,9 @@ def read_frames(path, frames):
                 got[n - 1] = frame
             if n > want[-1]:
                 break
-        if want[-1] not in got:
-            raise Skip("too_short", f"{n} frames at {fps:g} fps; {frames} frames at 16 fps need {want[-1] + 1}")
+        if want[-1] not in got:  # args[2]: what the clip has, to suggest --frames and --size
+            fit = (math.ceil(n * sample.FPS / fps - 1e-6), *rgb(frame).shape[1::-1]) if n else None
+            raise Skip("too_short", f"{n} frames at {fps:g} fps; {frames} frames at 16 fps need {want[-1] + 1}", fit)
         return np.stack([rgb(got[i]) for i in want])
     except Skip:
         raise
@@ -192,23 +194,30 @@ def is_precomputed(path):
 
 
 @torch.no_grad()
-def precompute(ckpt_dir, videos, out, frames=81, size="832*480", device="cpu", dtype=None):
+def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtype=None):
     """Encode every captioned clip of `videos` into shards under `out` and return out. Resumable: clips already
-    in out/manifest.json are not redone. dtype overrides the T5/CLIP dtype (default: official on a GPU, fp32 on a
-    CPU); the VAE always runs in fp32."""
+    in out/manifest.json are not redone. frames and size default to the checkpoint's demo ones (assets/demo: 17,
+    64*64), else 81 and 832*480. dtype overrides the T5/CLIP dtype (default: official on a GPU, fp32 on a CPU);
+    the VAE always runs in fp32. Raises ValueError when no clip is usable."""
+    sample.check_device(device)
+    model_type, demo = load_config(ckpt_dir).model_type, sample.demo_config(ckpt_dir)
+    frames, size = frames or demo.get("frames", 81), size or demo.get("size", "832*480")
     w, h = sample.parse_size(size)
     sample.check_video(frames, w, h, f"size {size}")
     if not os.path.isdir(videos):
         raise FileNotFoundError(f"video folder {videos} not found: pass a folder of captioned videos")
-    model_type = load_config(ckpt_dir).model_type
     if model_type not in ("t2v", "i2v"):
         raise ValueError(f"{ckpt_dir} is a {model_type} checkpoint: precompute supports t2v and i2v")
     clips, uncaptioned = list_clips(videos)
-    man_path = os.path.join(out, "manifest.json")
+    man_path, neg_path = os.path.join(out, "manifest.json"), os.path.join(out, "neg_context.safetensors")
     head = {"model_type": model_type, "frames": frames, "size": f"{w}*{h}"}
     if is_precomputed(out):
         with open(man_path, encoding="utf-8") as fh:
             man = json.load(fh)
+        if {k: man.get(k) for k in head} != head and not man["clips"]:  # nothing usable was kept: start anew
+            man = {**head, "clips": [], "skipped": {}}
+            if os.path.isfile(neg_path):
+                os.remove(neg_path)
         if {k: man.get(k) for k in head} != head:
             raise ValueError(f"{out} holds {man.get('model_type')} clips of {man.get('frames')} frames at "
                              f"{man.get('size')}, not {model_type} {frames} at {w}*{h}: precompute into another --out")
@@ -223,9 +232,9 @@ def precompute(ckpt_dir, videos, out, frames=81, size="832*480", device="cpu", d
     if any(f not in done for f in uncaptioned):
         skipped.setdefault("no_caption", []).extend(f for f in uncaptioned if f not in done)
     todo = [(f, cap) for f, cap in clips if f not in done]
-    print(f"{len(todo)} clips to encode ({len(man['clips'])} already in {out})")
+    print(f"{len(todo)} clips to encode at {frames} frames, {w}*{h} ({len(man['clips'])} already in {out})")
 
-    neg_path = os.path.join(out, "neg_context.safetensors")
+    fits = []  # what the too-short clips have
     if todo or not os.path.isfile(neg_path):
         dt = sample.dtypes(device)
         if dtype is not None:
@@ -253,6 +262,7 @@ def precompute(ckpt_dir, videos, out, frames=81, size="832*480", device="cpu", d
                 video = resize_crop(read_frames(os.path.join(videos, f), frames), w, h)  # (3, F, h, w)
             except Skip as e:
                 skipped.setdefault(e.args[0], []).append(f)
+                fits += [a for a in e.args[2:] if a]
                 print(f"[{i}/{len(todo)}] {f}: skipped, {e.args[0]} ({e.args[1]})", flush=True)
                 continue
             cid = f"{len(man['clips']) + len(pending):06d}"  # the manifest maps it to the file
@@ -270,6 +280,13 @@ def precompute(ckpt_dir, videos, out, frames=81, size="832*480", device="cpu", d
     write_json(man, man_path)
     counts = ", ".join(f"{k} {len(v)}" for k, v in skipped.items() if v) or "none"
     print(f"{len(man['clips'])} clips in {out}; skipped: {counts}")
+    if not man["clips"]:
+        hint = ""
+        if fits:
+            n, w0, h0 = max(fits)
+            hint = (f"; the longest is {n} frames at 16 fps, {w0}*{h0}: pass --frames {(n - 1) // 4 * 4 + 1} or fewer "
+                    f"(4n+1) and a --size such as {max(16, w0 // 16 * 16)}*{max(16, h0 // 16 * 16)}")
+        raise ValueError(f"no usable clip in {videos} at {frames} frames (skipped: {counts}){hint}")
     return out
 
 
@@ -364,8 +381,8 @@ def main(argv=None):
     p.add_argument("--ckpt_dir", help="official Wan2.1 checkpoint directory (for precompute)")
     p.add_argument("--videos", help="folder of captioned videos to precompute")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--frames", type=int, help="frames per clip at 16 fps, 4n+1 (default 81; synthetic 17)")
-    p.add_argument("--size", help="W*H (default 832*480; synthetic 64*64)")
+    p.add_argument("--frames", type=int, help="frames per clip at 16 fps, 4n+1 (default 81 or the demo's; synthetic 17)")
+    p.add_argument("--size", help="W*H (default 832*480 or the demo's; synthetic 64*64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
     p.add_argument("--overwrite", action="store_true", help="synthetic: write into a non-empty --out")
@@ -376,7 +393,7 @@ def main(argv=None):
                                    args.overwrite)
         if not (args.ckpt_dir and args.videos):
             p.error("precompute needs --ckpt_dir and --videos (or pass --synthetic N to write synthetic clips)")
-        return precompute(args.ckpt_dir, args.videos, args.out, args.frames or 81, args.size or "832*480", args.device)
+        return precompute(args.ckpt_dir, args.videos, args.out, args.frames, args.size, args.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"data.py: error: {e}") from None
 

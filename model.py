@@ -385,9 +385,9 @@ class DiscHead(nn.Module):
 class Discriminator(nn.Module):
     """D(x) = sum of one DiscHead per tapped backbone block. Only these heads train (the backbone is frozen)."""
 
-    def __init__(self, dim, taps, width=1024, n_queries=4, semantic=True):
+    def __init__(self, dim, taps, width=0, n_queries=4, semantic=True):
         super().__init__()
-        self.taps = tuple(taps)
+        self.taps, width = tuple(taps), width or min(1024, dim)  # 0: sized to the backbone, at most 1024
         self.heads = nn.ModuleList(DiscHead(dim, width, n_queries, semantic) for _ in self.taps)
 
     def forward(self, hidden, ctx):

@@ -106,6 +106,18 @@ def i2v_condition(vae, img, frames, h, w, progress=None):
     return torch.cat([mask, lat])  # (20, T_lat, h/8, w/8)
 
 
+def demo_config(ckpt_dir):
+    """The "vpae_demo" entry of a checkpoint's config.json ({} if none): toy.py's demo names its student, size, ..."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        return json.load(f).get("vpae_demo", {})
+
+
+def check_device(device):
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (torch {torch.__version__}, CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}): pass --device cpu or install torch's CUDA build")
+
+
 def ckpt_file(ckpt_dir, name):
     path = os.path.join(ckpt_dir, name)
     if not os.path.exists(path):
@@ -191,6 +203,7 @@ def save_mp4(frames, path):
 
 def prepare(args):
     """Check the request and load the models. Every error a user can cause is raised here, before any compute."""
+    check_device(args.device)
     if args.ckpt_dir is None:
         if not os.path.isdir(DEFAULT_CKPT):
             raise ValueError("no --ckpt_dir given: pass an official Wan2.1 checkpoint directory, e.g. "
@@ -198,9 +211,7 @@ def prepare(args):
         args.ckpt_dir = DEFAULT_CKPT
         log(f"using the bundled demo model {DEFAULT_CKPT} (tiny, moving shapes only); "
             "for real videos pass --ckpt_dir with the official Wan2.1 weights")
-    cfg = load_config(args.ckpt_dir)
-    with open(os.path.join(args.ckpt_dir, "config.json")) as f:  # toy.py's demo names its student, size, ...
-        demo = json.load(f).get("vpae_demo", {})
+    cfg, demo = load_config(args.ckpt_dir), demo_config(args.ckpt_dir)
     if demo.get("student") and args.student is None and not args.teacher:
         args.student = os.path.join(args.ckpt_dir, demo["student"])
     for k, official in (("prompt", ""), ("frames", 81), ("size", "832*480"), ("shift", None), ("guide_scale", 5.0)):
@@ -221,7 +232,7 @@ def prepare(args):
         raise ValueError("text-to-video needs --prompt")
     if args.teacher and args.student:
         raise ValueError("--teacher runs the checkpoint's own DiT: drop --student (or --teacher)")
-    args.steps = args.steps or (50 if args.teacher else 1)
+    args.steps = (50 if args.teacher else 1) if args.steps is None else args.steps
     if args.steps < 1 or (args.tile is not None and args.tile <= 8):
         raise ValueError("--steps must be at least 1 and --tile (latent pixels, 8 of them overlap) more than 8")
     w, h = parse_size(args.size)
@@ -229,12 +240,15 @@ def prepare(args):
     if args.image:
         img = load_image(args.image)
         h, w = target_size(img.shape[1], img.shape[2], w * h)
+        if parse_size(args.size) != (w, h):
+            log(f"--size {args.size} at the shape of {args.image} ({img.shape[2]}x{img.shape[1]}): {w}x{h}, "
+                "the image's aspect ratio at about that area, both sides multiples of 16")
     check_video(args.frames, w, h, f"--size {args.size}" + (f" at the shape of {args.image}" if args.image else ""))
     if args.shift is None:  # official defaults: i2v 3.0 at the 480P sizes, else 5.0; t2v 5.0
         args.shift = 3.0 if model_type == "i2v" and parse_size(args.size) in SIZES_480P else 5.0
     if args.out is None:
-        stem = re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48]
-        stem = stem or os.path.splitext(os.path.basename(args.image or "video"))[0]
+        stem = os.path.splitext(os.path.basename(args.image or ""))[0] + "_" + args.prompt[:48]
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_") or "video"
         args.out = f"{stem}_{'teacher' if args.teacher else 'student'}{args.steps}_seed{args.seed}.mp4"
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: the video is written as .mp4, so name it so")
@@ -312,7 +326,7 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--frames", type=int, help="number of frames, 4n+1 (default 81: 5 s at 16 fps)")
     p.add_argument("--size", help="W*H (default 832*480); I2V: the area, at the image's shape")
-    p.add_argument("--out", help="output .mp4 (default: named after the prompt, sampler and seed)")
+    p.add_argument("--out", help="output .mp4 (default: named after the image, prompt, sampler and seed)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--offload", action="store_true", help="keep each model on the GPU only while it runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
