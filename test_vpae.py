@@ -1684,7 +1684,7 @@ def test_demo_sample_out_of_the_box(tmp_path):
     assert r.returncode == 0, r.stderr
     assert time.time() - t0 < 60
     assert "using the bundled demo model" in r.stdout and "--ckpt_dir" in r.stdout and "student 1 step" in r.stdout
-    v = read_mp4(str(tmp_path / "a_red_circle_moving_right_student1_seed0.mp4"))
+    v = read_mp4(str(tmp_path / "example_a_red_circle_moving_right_student1_seed0.mp4"))
     assert v.shape == (toy.FRAMES, toy.SIZE, toy.SIZE, 3)
     assert toy.motion_correct(v, "red", "right")  # the student does what the demo's prompt says
 
@@ -1913,3 +1913,140 @@ def test_kernel_tiny_model_kernels_vs_torch(K, monkeypatch):
 
 if __name__ == "__main__" and sys.argv[1] == "sp":
     sp_worker(sys.argv[2])
+
+
+# =============================================================================
+# a newcomer's first hour: the README's Distil block on the demo, distill.py --help, one-line stops under
+# torchrun, sample.py's and data.py's small surprises, T2V distillation
+
+
+def readme_block(after):
+    """The commands of the first ```bash block after `after` in README.md, each split into words (comments dropped)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text[text.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].split() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_distil_runs_on_the_demo(tmp_path):
+    """The README's demo commands as written, in a fresh folder, with fewer clips and steps: clips to a sampled student."""
+    os.symlink(os.path.join(HERE, "assets"), tmp_path / "assets")
+    fewer = {"64": "2", "--phase1_steps=20": "--phase1_steps=1", "--phase2_steps=20": "--phase2_steps=1",
+             "--batch_size=8": "--batch_size=2"}
+    cmds = readme_block("The whole path on the bundled demo")
+    assert [c[:2] for c in cmds] == [["python", "data.py"]] * 2 + [["python", "distill.py"], ["python", "sample.py"]]
+    assert set(fewer) <= set(sum(cmds, []))
+    for c in cmds:
+        r = subprocess.run([sys.executable, os.path.join(HERE, c[1])] + [fewer.get(w, w) for w in c[2:]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, " ".join(c) + "\n" + r.stdout[-2000:] + r.stderr[-2000:]
+    assert read_mp4(str(tmp_path / "run" / "student.mp4")).shape == (17, 64, 64, 3)
+
+
+def test_distill_help_lists_every_field_and_takes_field_value(capsys):
+    import dataclasses
+    import distill
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(["--help"])
+    lines = [x.strip() for x in capsys.readouterr().out.splitlines() if x.startswith("  --")]
+    assert e.value.code == 0 and [x.split("=")[0] for x in lines] == [f"--{f.name}" for f in dataclasses.fields(distill.Config)]
+    assert all(x.split(")  ", 1)[1:] for x in lines)  # each with its comment
+    assert "--disc_shift_ref=32760  (int)  scale" in lines[21] and lines[21].endswith("0 = fixed")  # a 3-line comment
+    cfg = distill.parse_args(["--phase1_steps", "7", "--beta1", "-0.5", "--semantic=false"])
+    assert (cfg.phase1_steps, cfg.beta1, cfg.semantic) == (7, -0.5, False)
+    with pytest.raises(SystemExit, match="distill.py --help lists them"):
+        distill.parse_args(["--phase1_step=3"])
+    assert M.Discriminator(128, [0]).heads[0].queries.shape[-1] == 128  # disc_width 0: the backbone's dim, <= 1024
+    with torch.device("meta"):
+        assert M.Discriminator(5120, [0]).heads[0].queries.shape[-1] == 1024
+
+
+def test_distill_user_errors_once_under_torchrun(i2v_ckpt, latents, tmp_path):
+    """One line from rank 0, exit 1, no traceback from distill.py (torchrun adds its own ChildFailedError report)."""
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "student.safetensors").write_bytes(b"")
+    for args, what in (([f"--out={done}"], "this run has finished"),
+                       ([f"--out={tmp_path / 'b'}", "--batch_size=8", "--micro_batch=4"], "4 clips; --batch_size=8")):
+        r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}"] + args, nproc=2)
+        text = r.stdout + r.stderr
+        assert r.returncode == 1 and text.count("distill.py: error:") == 1 and what in text, text[-3000:]
+        assert 'distill.py", line' not in text
+
+
+def children(pid):
+    """The pids whose parent is pid (from /proc)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                kids += [int(d)] if int(f.read().rsplit(")", 1)[1].split()[1]) == pid else []
+        except OSError:
+            pass
+    return kids
+
+
+def test_distill_sigterm_to_the_ranks_under_torchrun(i2v_ckpt, latents, tmp_path):
+    """SIGTERM to torchrun's ranks (the README's way): a checkpoint, one line, and torchrun exits 0, no traceback."""
+    import signal
+    out = str(tmp_path / "term")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(HERE, "distill.py")] + DISTILL + [f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}",
+                                                          "--phase1_steps=1000", "--ckpt_every=1000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    log = os.path.join(out, "log.jsonl")
+    for _ in range(1500):  # wait for the first logged step
+        if os.path.exists(log) and os.path.getsize(log):
+            break
+        time.sleep(0.2)
+    ranks = children(p.pid)
+    assert len(ranks) == 2
+    for pid in ranks:
+        os.kill(pid, signal.SIGTERM)
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and text.count("checkpoint saved; rerun to resume") == 1, text[-3000:]
+    assert "Traceback" not in text and "error" not in text.lower()
+    assert [d for d in os.listdir(out) if d.startswith("ckpt_")] != []
+
+
+def test_sample_small_surprises(i2v_ckpt, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--ckpt_dir", i2v_ckpt, "--frames", "5", "--size", "40*40", "--prompt", "a cat"]
+    other = str(tmp_path / "y.png")
+    imageio.imwrite(other, np.zeros((40, 56, 3), np.uint8))
+    a, b = sample.main(args + ["--image", image]), sample.main(args + ["--image", other])
+    assert (a, b) == ("x_a_cat_student1_seed0.mp4", "y_a_cat_student1_seed0.mp4") and os.path.isfile(a)
+    assert "--size 40*40 at the shape of" in capsys.readouterr().out and read_mp4(a).shape[1:3] == (32, 32)
+    for extra, what in ((["--steps", "0"], "--steps must be at least 1"), (["--device", "cuda"], "no CUDA GPU")):
+        if what == "no CUDA GPU" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as e:
+            sample.main(args + ["--image", image, "--out", "z.mp4"] + extra)
+        assert str(e.value.code).startswith("sample.py: error: " + extra[0]) and what in str(e.value.code)
+
+
+def test_precompute_no_usable_clip_says_what_fits(t2v_ckpt, videos, tmp_path):
+    out = str(tmp_path / "lat")
+    with pytest.raises(SystemExit) as e:
+        data.main(["--ckpt_dir", t2v_ckpt, "--videos", videos, "--out", out, "--frames", "81", "--size", "16*16"])
+    msg = str(e.value.code)
+    assert msg.startswith("data.py: error: no usable clip") and "\n" not in msg
+    assert "--frames 17 or fewer" in msg and "--size such as 64*48" in msg
+    data.main(["--ckpt_dir", t2v_ckpt, "--videos", videos, "--out", out, "--frames", "17", "--size", "16*16"])
+    assert len(data.LatentDataset(out)) == 4  # the same --out: the manifest without clips is started anew
+
+
+def test_distill_t2v_two_processes_both_phases(t2v_ckpt, videos, tmp_path):
+    """T2V on 2 ranks, sp=2, both phases; after the export only the newest checkpoint is left."""
+    lat = data.precompute(t2v_ckpt, videos, str(tmp_path / "lat"), frames=9, size="32*32")
+    out = str(tmp_path / "run")
+    r = run_distill([f"--teacher={t2v_ckpt}", f"--data={lat}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
+                     "--sp=2", "--ckpt_every=1"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = read_log(out)
+    assert [x["phase"] for x in log] == [1, 1, 2, 2] and all(math.isfinite(v) for x in log for v in x.values())
+    assert sorted(os.listdir(out)) == ["ckpt_00000004", "config.json", "log.jsonl", "student.safetensors"]
+    student = WanModel.from_pretrained(t2v_ckpt, weights=os.path.join(out, "student.safetensors"))
+    teacher = WanModel.from_pretrained(t2v_ckpt)
+    assert student.cfg.model_type == "t2v"
+    assert max((a - b).abs().max() for a, b in zip(student.parameters(), teacher.parameters())) > 0
