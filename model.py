@@ -118,7 +118,7 @@ class CrossAttention(nn.Module):
     """Cross-attention to the text tokens and, for i2v/flf2v, separately to the CLIP image tokens.
 
     The two attention outputs share q and are summed before the shared output projection. Nothing is
-    masked: the text context is zero-padded to text_len and all of it is attended, as official (section 1.3.4).
+    masked: the text context is zero-padded to text_len and all of it is attended, as the official code does.
     """
 
     def __init__(self, dim, num_heads, eps, image):
@@ -396,7 +396,7 @@ class Discriminator(nn.Module):
 
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 
-PRESETS = {  # the official sizes (section 1.1) and a tiny one for tests
+PRESETS = {  # the official sizes (as in their config.json files) and a tiny one for tests
     "t2v-1.3B": WanConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "t2v-14B": WanConfig("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14B": WanConfig("i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

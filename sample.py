@@ -30,7 +30,7 @@ T5_FILE, TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", os.path.join("google
 VAE_FILE, CLIP_FILE = "Wan2.1_VAE.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 NEG_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
               "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan's default; English in spec section 2
+              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan's default: "bright tones, overexposed, static, blurred details, subtitles, ..., walking backwards"
 I2V_NEG_PREFIX = "镜头晃动，"  # "camera shake,": official I2V prepends it
 SIZES_480P = ((832, 480), (480, 832))  # official I2V samples these with shift 3.0, every other size with 5.0
 FPS = 16
@@ -73,7 +73,7 @@ def check_video(frames, w, h, what):
 
 
 def target_size(h0, w0, max_area):
-    """The official I2V size (spec section 3.2): the image's aspect ratio at about max_area pixels, both sides
+    """The official I2V size: the image's aspect ratio at about max_area pixels, both sides
     rounded down to multiples of 16. A 1280x720 image at max_area 832*480 gives (h, w) = (464, 832)."""
     ar = h0 / w0
     lat_h = round(math.sqrt(max_area * ar) // 8 // 2 * 2)  # latent rows: // VAE stride, // patch, * patch
@@ -92,7 +92,7 @@ def load_image(path):
 
 @torch.no_grad()
 def i2v_condition(vae, img, frames, h, w, progress=None):
-    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1] (section 3, steps 4-6).
+    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1], as official.
 
     Channels 0-3: the mask, ones on latent frame 0 (the given frame) and zeros elsewhere. Channels 4-19: the
     normalised VAE latent of the image resized to (h, w) followed by frames-1 zero (mid-grey) frames; the
@@ -148,7 +148,7 @@ def load_dit(ckpt_dir, dtype, device, student=None):
 
 
 # -----------------------------------------------------------------------------
-# samplers (method.md, "Inference"); x_sigma = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0
+# samplers (README: "How V-PAE works", Inference); x_sigma = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0
 
 
 def shift_sigma(s, shift):
@@ -172,7 +172,7 @@ def sample_student(dit, noise, cond, steps, shift, gen):
 def sample_teacher(dit, noise, cond, neg_context, steps, shift, guide):
     """The baseline: Euler on the flow ODE dx/dsigma = v with CFG, v = v_neg + g (v_cond - v_neg), two batch-1
     forwards per step as official. Grid: official dpm++'s shift(linspace(1, 0, N+1)), which starts at sigma 1
-    (UniPC's starts at 0.999); timesteps int64(1000 sigma), truncated as official (spec section 2)."""
+    (UniPC's starts at 0.999); timesteps int64(1000 sigma), truncated as official."""
     sigmas = [shift_sigma(1 - k / steps, shift) for k in range(steps + 1)]
     x = noise
     for k in bar(range(steps), "DiT"):

@@ -83,7 +83,7 @@ def write_official(model, path, shards=1):
 
 
 # -----------------------------------------------------------------------------
-# An independent Wan forward, written op by op from spec section 1 in the official style
+# An independent Wan forward, written op by op in the official code's style
 # (complex float64 RoPE, per-axis tables of 1024 positions, einsum unpatchify), reading only the state dict.
 
 
@@ -401,7 +401,7 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
 
 
 # =============================================================================
-# vae.py: tiny VAE (base dim 8), references written from spec section 4
+# vae.py: tiny VAE (base dim 8), references written op by op from the official VAE's structure
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +424,7 @@ def video(B=1, T=9, H=32, W=32, seed=1):
 
 
 # -----------------------------------------------------------------------------
-# An independent whole-clip reference, written from the spec (section 4) and the state dict only.
+# An independent whole-clip reference, written from the official structure and the state dict only.
 #
 # Which whole-clip pass does the chunked one equal? Every k=3 causal conv keeps the last 2 frames of its
 # input stream across chunks, which is exactly ordinary causal padding (2 zero frames in front) over the
@@ -501,7 +501,7 @@ def ref_encode(m, x, naive_down3d=False):
     sd = m.state_dict()
     x = conv(sd, "encoder.conv1", x)
     kinds = ["res", "res", "down2d", "res", "res", "down3d", "res", "res", "down3d", "res", "res"]
-    for i, kind in enumerate(kinds):  # the layout table of spec section 4
+    for i, kind in enumerate(kinds):  # the official encoder's block layout
         n = f"encoder.downsamples.{i}"
         x = ref_res(sd, n, x) if kind == "res" else ref_down(sd, n, x, kind == "down3d", naive_down3d)
     x = ref_res(sd, "encoder.middle.2", ref_attn(sd, "encoder.middle.1", ref_res(sd, "encoder.middle.0", x)))
@@ -530,7 +530,7 @@ def ref_decode(m, z):
 def test_official_layout():
     with torch.device("meta"):
         sd = WanVAE().state_dict()
-    assert len(sd) == 194 and sum(v.numel() for v in sd.values()) == 126_892_531  # spec section 4
+    assert len(sd) == 194 and sum(v.numel() for v in sd.values()) == 126_892_531  # the official Wan2.1_VAE.pth
     expected = {
         "encoder.conv1.weight": (96, 3, 3, 3, 3),
         "encoder.downsamples.3.residual.0.gamma": (96, 1, 1, 1),
@@ -629,10 +629,10 @@ def test_chunked_decode_matches_whole_clip(tiny_vae):
 
 
 # -----------------------------------------------------------------------------
-# op-by-op re-derivations from the spec
+# op-by-op re-derivations of the official ops
 
 
-def test_rms_norm_from_spec():
+def test_rms_norm_from_official():
     torch.manual_seed(5)
     n = vae.RMS_norm(6)
     with torch.no_grad():
@@ -643,7 +643,7 @@ def test_rms_norm_from_spec():
         torch.testing.assert_close(n(x), expect)
 
 
-def test_upsample3d_time_conv_from_spec():
+def test_upsample3d_time_conv_from_official():
     """Chunk 0 is not doubled; chunk 1's time conv sees [0, 0, x1]; chunk 2's sees [0, x1, x2]; frame pair
     of latent frame t = (channels [0:C], channels [C:2C]) of the time conv output."""
     torch.manual_seed(6)
@@ -667,7 +667,7 @@ def test_upsample3d_time_conv_from_spec():
             torch.testing.assert_close(got[t][:, :, 1], spatial(y[:, C:]))  # later frame
 
 
-def test_downsample3d_from_spec():
+def test_downsample3d_from_official():
     """Chunk 0 (1 frame) skips the time conv; chunk k>0 convolves [last previous frame, 4 new] with stride 2."""
     torch.manual_seed(7)
     C = 4
@@ -768,7 +768,7 @@ def test_from_pretrained_errors(tiny_vae, tmp_path):
 
 
 # =============================================================================
-# encoders.py: tiny official-layout umT5 and CLIP files, references re-derived from spec sections 5 and 6
+# encoders.py: tiny official-layout umT5 and CLIP files, references re-derived from the official umT5 and CLIP
 
 
 T5 = dict(vocab=300, dim=32, heads=4, dim_attn=32, ffn=64, layers=2, buckets=32)
@@ -849,7 +849,7 @@ def clip_pth(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# T5: references written from spec section 5
+# T5: references written from the official umT5 encoder
 
 
 def ref_bucket(rel):
@@ -895,7 +895,7 @@ def ref_ffn(sd, i, h):
     return (h @ W("fc1").T * F.gelu(g, approximate="tanh")) @ W("fc2").T
 
 
-def test_t5_layer_and_forward_match_spec(t5):
+def test_t5_layer_and_forward_match_official(t5):
     sd = t5_state()
     torch.manual_seed(0)
     ids = torch.randint(3, T5["vocab"], (2, 7))
@@ -978,7 +978,7 @@ def test_t5_errors(t5_files, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# CLIP: references written from spec section 6 and section 3 step 7
+# CLIP: references written from the official CLIP vision tower and its I2V preprocessing
 
 
 def ref_ln(x, w, b):
@@ -1014,7 +1014,7 @@ def ref_preprocess(img):
     return (x - torch.tensor(encoders.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(encoders.CLIP_STD).view(1, 3, 1, 1)
 
 
-def test_clip_matches_spec(clip_pth):
+def test_clip_matches_official(clip_pth):
     m = CLIPVision.from_pretrained(clip_pth)
     assert m.image_size == 28 and len(m.transformer) == CLIP["layers"] - 1 and m.transformer[0].attn.heads == 2
     sd = clip_state()
@@ -1067,7 +1067,7 @@ def test_official_sizes_on_meta():
         clip = CLIPVision(1280, 14, 16, 31, 5120)
         out = clip(torch.empty(1, 3, 224, 224))
     sd = t5.state_dict()
-    assert len(sd) == 242 and sum(v.numel() for v in sd.values()) == 5_680_910_336  # spec section 5
+    assert len(sd) == 242 and sum(v.numel() for v in sd.values()) == 5_680_910_336  # the official umT5-XXL encoder file
     assert sd["blocks.23.pos_embedding.embedding.weight"].shape == (32, 64)
     assert clip.image_size == 224 and clip.transformer[30].attn.heads == 16 and out.shape == (1, 257, 1280)
     assert clip.state_dict()["transformer.0.attn.to_qkv.weight"].shape == (3840, 1280)
