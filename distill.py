@@ -528,21 +528,13 @@ def main(argv, launch=None):
     accum = cfg.batch_size // (dp * cfg.micro_batch)
     os.makedirs(cfg.out, exist_ok=True)
     data_dir = cfg.data
-    if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, on rank 0
-        data_dir, err = os.path.join(cfg.out, "latents"), [None]
-        if master:
-            try:
-                D.precompute(cfg.teacher, cfg.data, data_dir, device=device.type)
-            except (FileNotFoundError, ValueError) as e:
-                err[0] = str(e)
-        dist.broadcast_object_list(err)  # rank 0's error stops every rank
-        if err[0]:
-            fail(err[0])
     try:
+        if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, the clips split over the ranks
+            data_dir = D.precompute(cfg.teacher, cfg.data, os.path.join(cfg.out, "latents"), device=device.type)
         dataset = D.LatentDataset(data_dir)
         vds = D.LatentDataset(cfg.val_data) if cfg.val_data else None
-    except FileNotFoundError as e:
-        fail(e)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) else "; for other frames or sizes run data.py, then --data=its --out"))
     if vds and vds.model_type != dataset.model_type:
         fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
     val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []

@@ -2037,16 +2037,48 @@ def test_precompute_no_usable_clip_says_what_fits(t2v_ckpt, videos, tmp_path):
 
 
 def test_distill_t2v_two_processes_both_phases(t2v_ckpt, videos, tmp_path):
-    """T2V on 2 ranks, sp=2, both phases; after the export only the newest checkpoint is left."""
-    lat = data.precompute(t2v_ckpt, videos, str(tmp_path / "lat"), frames=9, size="32*32")
+    """T2V on 2 ranks, sp=2, both phases, from a video folder (precomputed over both ranks at the frames and size a
+    demo-style config.json names); after the export only the newest checkpoint is left."""
+    ckpt = tmp_path / "t2v"
+    ckpt.mkdir()
+    for f in os.listdir(t2v_ckpt):
+        if f != "config.json":
+            os.symlink(os.path.join(t2v_ckpt, f), ckpt / f)
+    with open(os.path.join(t2v_ckpt, "config.json")) as f:
+        config = json.load(f) | {"vpae_demo": {"frames": 9, "size": "32*32"}}
+    (ckpt / "config.json").write_text(json.dumps(config))
     out = str(tmp_path / "run")
-    r = run_distill([f"--teacher={t2v_ckpt}", f"--data={lat}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
+    r = run_distill([f"--teacher={ckpt}", f"--data={videos}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
                      "--sp=2", "--ckpt_every=1"], nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = read_log(out)
     assert [x["phase"] for x in log] == [1, 1, 2, 2] and all(math.isfinite(v) for x in log for v in x.values())
-    assert sorted(os.listdir(out)) == ["ckpt_00000004", "config.json", "log.jsonl", "student.safetensors"]
+    assert sorted(os.listdir(out)) == ["ckpt_00000004", "config.json", "latents", "log.jsonl", "student.safetensors"]
+    lat = data.read_manifest(os.path.join(out, "latents"))
+    assert len(lat["clips"]) == 4 and len({c["shard"] for c in lat["clips"]}) == 2  # both ranks encoded clips
     student = WanModel.from_pretrained(t2v_ckpt, weights=os.path.join(out, "student.safetensors"))
     teacher = WanModel.from_pretrained(t2v_ckpt)
     assert student.cfg.model_type == "t2v"
     assert max((a - b).abs().max() for a, b in zip(student.parameters(), teacher.parameters())) > 0
+
+
+def test_precompute_on_two_ranks_equals_one(i2v_ckpt, videos, latents, tmp_path, capsys):
+    """torchrun data.py on 2 gloo ranks: the clips split over the ranks, one manifest, the same clips as one process."""
+    out = str(tmp_path / "lat2")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                        os.path.join(HERE, "data.py"), "--ckpt_dir", i2v_ckpt, "--videos", videos, "--out", out,
+                        "--frames", "9", "--size", "32*32", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("clips to encode") == 1 and "over 2 ranks" in r.stdout, r.stderr[-3000:]
+    one, two = data.read_manifest(latents), data.read_manifest(out)
+    assert len({c["shard"] for c in two["clips"]}) == 2 and not data.parts(out)
+    assert [{k: v for k, v in c.items() if k != "shard"} for c in two.pop("clips")] == \
+        [{k: v for k, v in c.items() if k != "shard"} for c in one.pop("clips")]
+    assert one == two  # model type, frames, size, skipped
+    a, b = data.LatentDataset(latents), data.LatentDataset(out)
+    torch.testing.assert_close(b.neg_context, a.neg_context)
+    for i in range(len(a)):
+        for k, v in a[i].items():
+            torch.testing.assert_close(b[i][k], v, rtol=1e-5, atol=1e-5)
+    data.precompute(i2v_ckpt, videos, out, frames=9, size="32*32")  # one process resumes it: nothing left to do
+    assert "0 clips to encode" in capsys.readouterr().out
