@@ -1457,10 +1457,25 @@ def test_help(capsys):
 DISTILL = ["--lora_rank=4", "--disc_width=64", "--log_every=1", "--export_dtype=fp32", "--batch_size=2"]
 
 
+def distill_cmd(args, nproc=1):
+    return [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+                               if nproc > 1 else []) + [os.path.join(HERE, "distill.py")] + DISTILL + args
+
+
 def run_distill(args, nproc=1):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-                              if nproc > 1 else []) + [os.path.join(HERE, "distill.py")] + DISTILL + args
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600)
+    return subprocess.run(distill_cmd(args, nproc), capture_output=True, text=True, cwd=HERE, timeout=600)
+
+
+def start_distill(args, out, nproc=1):
+    """distill.py (under torchrun when nproc > 1) in the background, returned once it has logged its first step."""
+    p = subprocess.Popen(distill_cmd(args + [f"--out={out}"], nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=HERE)
+    log = os.path.join(out, "log.jsonl")
+    for _ in range(1500):
+        if os.path.exists(log) and os.path.getsize(log):
+            break
+        time.sleep(0.2)
+    return p
 
 
 def read_log(out):
@@ -1544,14 +1559,7 @@ def test_distill_stops_on_non_finite_steps(i2v_ckpt, latents, tmp_path):
 def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
     import signal
     out = str(tmp_path / "term")
-    cmd = [sys.executable, os.path.join(HERE, "distill.py")] + DISTILL + [
-        f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=1000", "--ckpt_every=1000"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
-    log = os.path.join(out, "log.jsonl")
-    for _ in range(600):  # wait for the first logged step
-        if os.path.exists(log) and os.path.getsize(log):
-            break
-        time.sleep(0.2)
+    p = start_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=1000", "--ckpt_every=1000"], out)
     p.send_signal(signal.SIGTERM)
     text, _ = p.communicate(timeout=300)
     assert p.returncode == 0 and "checkpoint saved" in text, text[-3000:]
@@ -1990,15 +1998,7 @@ def test_distill_sigterm_to_the_ranks_under_torchrun(i2v_ckpt, latents, tmp_path
     """SIGTERM to torchrun's ranks (the README's way): a checkpoint, one line, and torchrun exits 0, no traceback."""
     import signal
     out = str(tmp_path / "term")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           os.path.join(HERE, "distill.py")] + DISTILL + [f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}",
-                                                          "--phase1_steps=1000", "--ckpt_every=1000"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
-    log = os.path.join(out, "log.jsonl")
-    for _ in range(1500):  # wait for the first logged step
-        if os.path.exists(log) and os.path.getsize(log):
-            break
-        time.sleep(0.2)
+    p = start_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=1000", "--ckpt_every=1000"], out, 2)
     ranks = children(p.pid)
     assert len(ranks) == 2
     for pid in ranks:
