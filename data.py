@@ -3,6 +3,7 @@ plus a synthetic moving-shapes source for the tests and the demo.
 
   python data.py --synthetic 64 --out shapes/                                   # mp4s + captions.jsonl
   python data.py --ckpt_dir Wan2.1-I2V-14B-480P --videos shapes/ --out latents/  # shards + manifest.json
+  torchrun --nproc_per_node=8 data.py --ckpt_dir ... --videos ... --out ...      # the clips split over 8 ranks
 
 A video folder holds .mp4/.webm/.gif files and their captions: captions.jsonl lines {"file", "caption"}, or a
 .txt beside each video. Clips are sampled at 16 fps, scaled to cover --size and centre-cropped. A precomputed
