@@ -534,7 +534,8 @@ def main(argv, launch=None):
         dataset = D.LatentDataset(data_dir)
         vds = D.LatentDataset(cfg.val_data) if cfg.val_data else None
     except (FileNotFoundError, ValueError) as e:
-        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) else "; for other frames or sizes run data.py, then --data=its --out"))
+        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) else
+                       "; for other frames or sizes, precompute with data.py and pass its --out as --data"))
     if vds and vds.model_type != dataset.model_type:
         fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
     val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []

@@ -28,9 +28,10 @@ from vae import WanVAE
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")  # bundled demo model
 T5_FILE, TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", os.path.join("google", "umt5-xxl")
 VAE_FILE, CLIP_FILE = "Wan2.1_VAE.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+# Wan's default negative prompt: "bright tones, overexposed, static, blurred details, subtitles, ..., walking backwards"
 NEG_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
               "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan's default: "bright tones, overexposed, static, blurred details, subtitles, ..., walking backwards"
+              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 I2V_NEG_PREFIX = "镜头晃动，"  # "camera shake,": official I2V prepends it
 SIZES_480P = ((832, 480), (480, 832))  # official I2V samples these with shift 3.0, every other size with 5.0
 FPS = 16
@@ -92,7 +93,7 @@ def load_image(path):
 
 @torch.no_grad()
 def i2v_condition(vae, img, frames, h, w, progress=None):
-    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1], as official.
+    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1].
 
     Channels 0-3: the mask, ones on latent frame 0 (the given frame) and zeros elsewhere. Channels 4-19: the
     normalised VAE latent of the image resized to (h, w) followed by frames-1 zero (mid-grey) frames; the
