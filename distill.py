@@ -47,13 +47,13 @@ class Config:
     phase2_steps: int = 1000  # adversarial equilibrium [paper]
     batch_size: int = 32  # global batch per optimizer step [paper]; micro-batches are accumulated
     micro_batch: int = 1  # clips per rank per forward
-    seed: int = 0
+    seed: int = 0  # seeds the data order, the noise and the initial heads and LoRA
     lr_phase1: float = 1e-6  # generator lr, Phase I [paper]
     lr_phase2: float = 2e-6  # generator lr, Phase II [paper]
     lr_fake: float = 1e-5  # LoRA fake-score lr [choice]
     lr_disc: float = 1e-5  # discriminator-head lr [choice]
     beta1: float = 0.0  # Adam betas (beta1, beta2) of the generator and heads in Phase II [choice, APT-like]
-    beta2: float = 0.99
+    beta2: float = 0.99  # see beta1
     sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]; 0 = off
     shift: float = 3.0  # re-noising shift for DMD and C-SDS: the task's Wan sample shift [choice]; 5 for 720p/t2v
     guide_scale: float = 5.0  # teacher CFG w [choice, Wan default]
@@ -67,7 +67,7 @@ class Config:
     disc_steps: int = 1  # discriminator steps per generator step, each on fresh clips [choice, APT: 1]
     disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
     disc_queries: int = 4  # learnable query tokens per head [choice]
-    disc_width: int = 1024  # head width [ours]
+    disc_width: int = 0  # head width; 0 = the backbone's dim, at most 1024 (1024 at 1.3B and 14B, 128 on the toy) [ours]
     semantic: bool = True  # the semantic self-attention over image/text tokens in each head [paper]
     lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]
     lambda_adv: float = 1.0  # weight of the adversarial term in L_G; 0 = C-SDS alone, a control [ours]
@@ -78,8 +78,8 @@ class Config:
     sp: int = 1  # Ulysses sequence-parallel degree (divides world size and num_heads)
     grad_ckpt: bool = True  # per-block activation checkpointing
     param_dtype: str = "bf16"  # FSDP compute dtype on GPU (CPU always runs fp32); grads reduce in fp32
-    log_every: int = 10
-    ckpt_every: int = 100
+    log_every: int = 10  # steps between lines of OUT/log.jsonl
+    ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM)
     keep_ckpts: int = 3  # the newest k complete checkpoints are kept
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
     export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
@@ -92,22 +92,50 @@ class Config:
     val_clips: int = 32  # at most this many clips of val_data
 
 
+def fail(msg):
+    """A user error: one line from rank 0 (every rank finds the same error), then exit 1 on every rank."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(f"distill.py: error: {msg}" if rank == 0 else 1)
+
+
+def usage():
+    """Every Config field with its type, default and the comment beside it in this file."""
+    import inspect
+    lines, out = inspect.getsource(Config).splitlines(), ["distill.py --field=value ...  (or --field value)\n"]
+    for line in lines[2:]:
+        m = re.fullmatch(r"    (\w+): (\w+) = (.*?)(?:  # (.*))?", line)
+        if m:
+            out.append(f"  --{m[1]}={m[3].strip(chr(34))}  ({m[2]})" + (f"  {m[4]}" if m[4] else ""))
+        elif line.strip().startswith("#"):  # a comment continued on the next lines
+            out[-1] += " " + line.strip().lstrip("#").strip()
+    return "\n".join(out)
+
+
 def parse_args(argv):
-    """--field=value overrides of Config, type-checked."""
+    """--field=value (or --field value) overrides of Config, type-checked; --help lists the fields."""
     cfg, types = Config(), {f.name: f.type.__name__ for f in dataclasses.fields(Config)}
-    for arg in argv:
+    if {"-h", "--help"} & set(argv):
+        print(usage()) if int(os.environ.get("RANK", 0)) == 0 else None
+        sys.exit(0)
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if re.fullmatch(r"--\w+", arg) and argv and not argv[0].startswith("--"):
+            arg += "=" + argv.pop(0)  # --field value
         m = re.fullmatch(r"--(\w+)=(.*)", arg)
         if not m or m[1] not in types:
-            sys.exit(f"unknown argument {arg!r}: use --field=value with a field of Config in distill.py")
+            fail(f"unknown argument {arg!r}: use --field=value with a field of Config (distill.py --help lists them)")
         name, val, typ = m[1], m[2], types[m[1]]
         try:
             v = {"bool": lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()],
                  "int": int, "float": float, "str": str}[typ](val)
         except (KeyError, ValueError):
-            sys.exit(f"--{name}={val!r}: expected a {typ}")
+            fail(f"--{name}={val!r}: expected a {typ}")
         setattr(cfg, name, v)
     if cfg.disc_backbone not in ("ema", "live", "teacher"):
-        sys.exit(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
+        fail(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
     return cfg
 
 
@@ -338,7 +366,7 @@ def setup_dist(cfg, rank, world, local_rank, init_method):
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
     if world % cfg.sp:
-        sys.exit(f"--sp={cfg.sp} must divide the world size {world}")
+        fail(f"--sp={cfg.sp} must divide the world size {world}")
     groups = [dist.new_group(list(range(i * cfg.sp, (i + 1) * cfg.sp))) for i in range(world // cfg.sp)]
     sp_group = groups[rank // cfg.sp] if cfg.sp > 1 else None
     return torch.device("cuda" if cuda else "cpu"), rank // cfg.sp, world // cfg.sp, sp_group
@@ -417,9 +445,19 @@ def print_memory(rows):
 # checkpoints: torch.distributed.checkpoint into ckpt_<step>.tmp, renamed once complete
 
 
+def ckpts(out):
+    """The complete checkpoints in out, oldest first."""
+    return sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt_\d{8}", d)) if os.path.isdir(out) else []
+
+
 def latest_ckpt(out):
-    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt_\d{8}", d)) if os.path.isdir(out) else []
+    done = ckpts(out)
     return os.path.join(out, done[-1]) if done else None
+
+
+def prune(out, keep):
+    for old in ckpts(out)[:-keep]:
+        shutil.rmtree(os.path.join(out, old))
 
 
 def train_state(m, opts):
@@ -440,8 +478,7 @@ def save_ckpt(cfg, m, opts, step, extra):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
         os.replace(tmp, final)  # atomic: resume only ever sees complete checkpoints
-        for old in sorted(d for d in os.listdir(cfg.out) if re.fullmatch(r"ckpt_\d{8}", d))[:-cfg.keep_ckpts]:
-            shutil.rmtree(os.path.join(cfg.out, old))
+        prune(cfg.out, cfg.keep_ckpts)
     dist.barrier()
 
 
@@ -471,6 +508,7 @@ def export_student(cfg, m):
         os.replace(path + ".tmp", path)
         shutil.copy(os.path.join(cfg.teacher, "config.json"), os.path.join(cfg.out, "config.json"))
         print(f"exported the EMA generator to {path}")
+        prune(cfg.out, 1)  # the newest checkpoint alone can continue the run
     dist.barrier()
 
 
@@ -548,32 +586,35 @@ def main(argv, launch=None):
     device, dp_rank, dp, sp_group = setup_dist(cfg, *(launch or launch_env()))
     rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
-        sys.exit(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
+        fail(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
     if os.path.exists(os.path.join(cfg.out, "student.safetensors")):
-        sys.exit(f"{cfg.out}/student.safetensors exists: this run has finished; pick another --out")
+        fail(f"{cfg.out}/student.safetensors exists: this run has finished; pick another --out")
     if cfg.batch_size % (dp * cfg.micro_batch):
-        sys.exit(f"--batch_size={cfg.batch_size} must be a multiple of data-parallel ranks ({dp}) x micro_batch ({cfg.micro_batch})")
+        fail(f"--batch_size={cfg.batch_size} must be a multiple of data-parallel ranks ({dp}) x micro_batch ({cfg.micro_batch})")
     accum = cfg.batch_size // (dp * cfg.micro_batch)
     os.makedirs(cfg.out, exist_ok=True)
     data_dir = cfg.data
-    if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, on rank 0
-        data_dir = os.path.join(cfg.out, "latents")
-        if master:
-            D.precompute(cfg.teacher, cfg.data, data_dir, device=device.type)
-        dist.barrier()
-    dataset = D.LatentDataset(data_dir)
-    val = []
-    if cfg.val_data:
-        vds = D.LatentDataset(cfg.val_data)
-        if vds.model_type != dataset.model_type:
-            sys.exit(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
-        val = [vds[i] for i in range(min(len(vds), cfg.val_clips))]
+    try:
+        if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, the clips split over the ranks
+            data_dir = D.precompute(cfg.teacher, cfg.data, os.path.join(cfg.out, "latents"), device=device.type)
+        dataset = D.LatentDataset(data_dir)
+        vds = D.LatentDataset(cfg.val_data) if cfg.val_data else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) else
+                       "; for other frames or sizes, precompute with data.py and pass its --out as --data"))
+    if vds and vds.model_type != dataset.model_type:
+        fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
+    val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []
+    if len(dataset) < dp * cfg.micro_batch:
+        fail(f"{data_dir} holds {len(dataset)} clips; --batch_size={cfg.batch_size} is accumulated from micro-batches of "
+             f"{cfg.micro_batch} on each of {dp} data-parallel ranks, which need at least {dp * cfg.micro_batch}: "
+             "precompute more clips")
     loader = D.Loader(dataset, cfg.micro_batch, rank=dp_rank, world=dp, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)  # identical initial heads and LoRA on every rank
     m = Models(cfg, device, sp_group)
     if m.gen.cfg.model_type != dataset.model_type:
-        sys.exit(f"the data in {data_dir} is {dataset.model_type} but the teacher is {m.gen.cfg.model_type}")
+        fail(f"the data in {data_dir} is {dataset.model_type} but the teacher is {m.gen.cfg.model_type}")
     opts = {"gen": torch.optim.Adam(m.gen.parameters(), lr=cfg.lr_phase1),
             "fake": torch.optim.Adam([p for p in m.teacher.parameters() if p.requires_grad], lr=cfg.lr_fake),
             "disc": torch.optim.Adam(m.disc.parameters(), lr=cfg.lr_disc, betas=(cfg.beta1, cfg.beta2))}

@@ -30,9 +30,10 @@ from vae import WanVAE
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")  # bundled demo model
 T5_FILE, TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", os.path.join("google", "umt5-xxl")
 VAE_FILE, CLIP_FILE = "Wan2.1_VAE.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+# Wan's default negative prompt: "bright tones, overexposed, static, blurred details, subtitles, ..., walking backwards"
 NEG_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
               "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan's default; English in spec section 2
+              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 I2V_NEG_PREFIX = "镜头晃动，"  # "camera shake,": official I2V prepends it
 SIZES_480P = ((832, 480), (480, 832))  # official I2V samples these with shift 3.0, every other size with 5.0
 FPS = 16
@@ -85,7 +86,7 @@ def check_video(frames, w, h, what):
 
 
 def target_size(h0, w0, max_area):
-    """The official I2V size (spec section 3.2): the image's aspect ratio at about max_area pixels, both sides
+    """The official I2V size: the image's aspect ratio at about max_area pixels, both sides
     rounded down to multiples of 16. A 1280x720 image at max_area 832*480 gives (h, w) = (464, 832)."""
     ar = h0 / w0
     lat_h = round(math.sqrt(max_area * ar) // 8 // 2 * 2)  # latent rows: // VAE stride, // patch, * patch
@@ -104,7 +105,7 @@ def load_image(path):
 
 @torch.no_grad()
 def i2v_condition(vae, img, frames, h, w, progress=None):
-    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1] (section 3, steps 4-6).
+    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1].
 
     Channels 0-3: the mask, ones on latent frame 0 (the given frame) and zeros elsewhere. Channels 4-19: the
     normalised VAE latent of the image resized to (h, w) followed by frames-1 zero (mid-grey) frames; the
@@ -116,6 +117,18 @@ def i2v_condition(vae, img, frames, h, w, progress=None):
     mask = torch.zeros_like(lat[:4])
     mask[:, 0] = 1
     return torch.cat([mask, lat])  # (20, T_lat, h/8, w/8)
+
+
+def demo_config(ckpt_dir):
+    """The "vpae_demo" entry of a checkpoint's config.json ({} if none): toy.py's demo names its student, size, ..."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        return json.load(f).get("vpae_demo", {})
+
+
+def check_device(device):
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (torch {torch.__version__}, CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}): pass --device cpu or install torch's CUDA build")
 
 
 def ckpt_file(ckpt_dir, name):
@@ -246,7 +259,7 @@ class BlockStream:
 
 
 # -----------------------------------------------------------------------------
-# samplers (method.md, "Inference"); x_sigma = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0
+# samplers (README: "How V-PAE works", Inference); x_sigma = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0
 
 
 def shift_sigma(s, shift):
@@ -270,7 +283,7 @@ def sample_student(dit, noise, cond, steps, shift, gen):
 def sample_teacher(dit, noise, cond, neg_context, steps, shift, guide):
     """The baseline: Euler on the flow ODE dx/dsigma = v with CFG, v = v_neg + g (v_cond - v_neg), two batch-1
     forwards per step as official. Grid: official dpm++'s shift(linspace(1, 0, N+1)), which starts at sigma 1
-    (UniPC's starts at 0.999); timesteps int64(1000 sigma), truncated as official (spec section 2)."""
+    (UniPC's starts at 0.999); timesteps int64(1000 sigma), truncated as official."""
     sigmas = [shift_sigma(1 - k / steps, shift) for k in range(steps + 1)]
     x = noise
     for k in bar(range(steps), "DiT"):
@@ -301,6 +314,7 @@ def save_mp4(frames, path):
 
 def prepare(args):
     """Check the request and load the models. Every error a user can cause is raised here, before any compute."""
+    check_device(args.device)
     if args.ckpt_dir is None:
         if not os.path.isdir(DEFAULT_CKPT):
             raise ValueError("no --ckpt_dir given: pass an official Wan2.1 checkpoint directory, e.g. "
@@ -308,9 +322,7 @@ def prepare(args):
         args.ckpt_dir = DEFAULT_CKPT
         log(f"using the bundled demo model {DEFAULT_CKPT} (tiny, moving shapes only); "
             "for real videos pass --ckpt_dir with the official Wan2.1 weights")
-    cfg = load_config(args.ckpt_dir)
-    with open(os.path.join(args.ckpt_dir, "config.json")) as f:  # toy.py's demo names its student, size, ...
-        demo = json.load(f).get("vpae_demo", {})
+    cfg, demo = load_config(args.ckpt_dir), demo_config(args.ckpt_dir)
     if demo.get("student") and args.student is None and not args.teacher:
         args.student = os.path.join(args.ckpt_dir, demo["student"])
     for k, official in (("prompt", ""), ("frames", 81), ("size", "832*480"), ("shift", None), ("guide_scale", 5.0)):
@@ -331,7 +343,7 @@ def prepare(args):
         raise ValueError("text-to-video needs --prompt")
     if args.teacher and args.student:
         raise ValueError("--teacher runs the checkpoint's own DiT: drop --student (or --teacher)")
-    args.steps = args.steps or (50 if args.teacher else 1)
+    args.steps = (50 if args.teacher else 1) if args.steps is None else args.steps
     if args.steps < 1 or (args.tile is not None and args.tile <= 8):
         raise ValueError("--steps must be at least 1 and --tile (latent pixels, 8 of them overlap) more than 8")
     w, h = parse_size(args.size)
@@ -339,12 +351,15 @@ def prepare(args):
     if args.image:
         img = load_image(args.image)
         h, w = target_size(img.shape[1], img.shape[2], w * h)
+        if parse_size(args.size) != (w, h):
+            log(f"--size {args.size} at the shape of {args.image} ({img.shape[2]}x{img.shape[1]}): {w}x{h}, "
+                "the image's aspect ratio at about that area, both sides multiples of 16")
     check_video(args.frames, w, h, f"--size {args.size}" + (f" at the shape of {args.image}" if args.image else ""))
     if args.shift is None:  # official defaults: i2v 3.0 at the 480P sizes, else 5.0; t2v 5.0
         args.shift = 3.0 if model_type == "i2v" and parse_size(args.size) in SIZES_480P else 5.0
     if args.out is None:
-        stem = re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48]
-        stem = stem or os.path.splitext(os.path.basename(args.image or "video"))[0]
+        stem = os.path.splitext(os.path.basename(args.image or ""))[0] + "_" + args.prompt[:48]
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_") or "video"
         args.out = f"{stem}_{'teacher' if args.teacher else 'student'}{args.steps}_seed{args.seed}.mp4"
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: the video is written as .mp4, so name it so")
@@ -428,7 +443,7 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--frames", type=int, help="number of frames, 4n+1 (default 81: 5 s at 16 fps)")
     p.add_argument("--size", help="W*H (default 832*480); I2V: the area, at the image's shape")
-    p.add_argument("--out", help="output .mp4 (default: named after the prompt, sampler and seed)")
+    p.add_argument("--out", help="output .mp4 (default: named after the image, prompt, sampler and seed)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a Wan LoRA into the DiT at load "
                    "(scale default 1; repeatable), e.g. distill.py --export_lora's, or a 4-step one with --steps 4")

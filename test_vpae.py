@@ -84,7 +84,7 @@ def write_official(model, path, shards=1):
 
 
 # -----------------------------------------------------------------------------
-# An independent Wan forward, written op by op from spec section 1 in the official style
+# An independent Wan forward, written op by op in the official code's style
 # (complex float64 RoPE, per-axis tables of 1024 positions, einsum unpatchify), reading only the state dict.
 
 
@@ -402,7 +402,7 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
 
 
 # =============================================================================
-# vae.py: tiny VAE (base dim 8), references written from spec section 4
+# vae.py: tiny VAE (base dim 8), references written op by op from the official VAE's structure
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +425,7 @@ def video(B=1, T=9, H=32, W=32, seed=1):
 
 
 # -----------------------------------------------------------------------------
-# An independent whole-clip reference, written from the spec (section 4) and the state dict only.
+# An independent whole-clip reference, written from the official structure and the state dict only.
 #
 # Which whole-clip pass does the chunked one equal? Every k=3 causal conv keeps the last 2 frames of its
 # input stream across chunks, which is exactly ordinary causal padding (2 zero frames in front) over the
@@ -502,7 +502,7 @@ def ref_encode(m, x, naive_down3d=False):
     sd = m.state_dict()
     x = conv(sd, "encoder.conv1", x)
     kinds = ["res", "res", "down2d", "res", "res", "down3d", "res", "res", "down3d", "res", "res"]
-    for i, kind in enumerate(kinds):  # the layout table of spec section 4
+    for i, kind in enumerate(kinds):  # the official encoder's block layout
         n = f"encoder.downsamples.{i}"
         x = ref_res(sd, n, x) if kind == "res" else ref_down(sd, n, x, kind == "down3d", naive_down3d)
     x = ref_res(sd, "encoder.middle.2", ref_attn(sd, "encoder.middle.1", ref_res(sd, "encoder.middle.0", x)))
@@ -531,7 +531,7 @@ def ref_decode(m, z):
 def test_official_layout():
     with torch.device("meta"):
         sd = WanVAE().state_dict()
-    assert len(sd) == 194 and sum(v.numel() for v in sd.values()) == 126_892_531  # spec section 4
+    assert len(sd) == 194 and sum(v.numel() for v in sd.values()) == 126_892_531  # the official Wan2.1_VAE.pth
     expected = {
         "encoder.conv1.weight": (96, 3, 3, 3, 3),
         "encoder.downsamples.3.residual.0.gamma": (96, 1, 1, 1),
@@ -630,10 +630,10 @@ def test_chunked_decode_matches_whole_clip(tiny_vae):
 
 
 # -----------------------------------------------------------------------------
-# op-by-op re-derivations from the spec
+# op-by-op re-derivations of the official ops
 
 
-def test_rms_norm_from_spec():
+def test_rms_norm_from_official():
     torch.manual_seed(5)
     n = vae.RMS_norm(6)
     with torch.no_grad():
@@ -644,7 +644,7 @@ def test_rms_norm_from_spec():
         torch.testing.assert_close(n(x), expect)
 
 
-def test_upsample3d_time_conv_from_spec():
+def test_upsample3d_time_conv_from_official():
     """Chunk 0 is not doubled; chunk 1's time conv sees [0, 0, x1]; chunk 2's sees [0, x1, x2]; frame pair
     of latent frame t = (channels [0:C], channels [C:2C]) of the time conv output."""
     torch.manual_seed(6)
@@ -668,7 +668,7 @@ def test_upsample3d_time_conv_from_spec():
             torch.testing.assert_close(got[t][:, :, 1], spatial(y[:, C:]))  # later frame
 
 
-def test_downsample3d_from_spec():
+def test_downsample3d_from_official():
     """Chunk 0 (1 frame) skips the time conv; chunk k>0 convolves [last previous frame, 4 new] with stride 2."""
     torch.manual_seed(7)
     C = 4
@@ -769,7 +769,7 @@ def test_from_pretrained_errors(tiny_vae, tmp_path):
 
 
 # =============================================================================
-# encoders.py: tiny official-layout umT5 and CLIP files, references re-derived from spec sections 5 and 6
+# encoders.py: tiny official-layout umT5 and CLIP files, references re-derived from the official umT5 and CLIP
 
 
 T5 = dict(vocab=300, dim=32, heads=4, dim_attn=32, ffn=64, layers=2, buckets=32)
@@ -850,7 +850,7 @@ def clip_pth(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# T5: references written from spec section 5
+# T5: references written from the official umT5 encoder
 
 
 def ref_bucket(rel):
@@ -896,7 +896,7 @@ def ref_ffn(sd, i, h):
     return (h @ W("fc1").T * F.gelu(g, approximate="tanh")) @ W("fc2").T
 
 
-def test_t5_layer_and_forward_match_spec(t5):
+def test_t5_layer_and_forward_match_official(t5):
     sd = t5_state()
     torch.manual_seed(0)
     ids = torch.randint(3, T5["vocab"], (2, 7))
@@ -979,7 +979,7 @@ def test_t5_errors(t5_files, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# CLIP: references written from spec section 6 and section 3 step 7
+# CLIP: references written from the official CLIP vision tower and its I2V preprocessing
 
 
 def ref_ln(x, w, b):
@@ -1015,7 +1015,7 @@ def ref_preprocess(img):
     return (x - torch.tensor(encoders.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(encoders.CLIP_STD).view(1, 3, 1, 1)
 
 
-def test_clip_matches_spec(clip_pth):
+def test_clip_matches_official(clip_pth):
     m = CLIPVision.from_pretrained(clip_pth)
     assert m.image_size == 28 and len(m.transformer) == CLIP["layers"] - 1 and m.transformer[0].attn.heads == 2
     sd = clip_state()
@@ -1068,7 +1068,7 @@ def test_official_sizes_on_meta():
         clip = CLIPVision(1280, 14, 16, 31, 5120)
         out = clip(torch.empty(1, 3, 224, 224))
     sd = t5.state_dict()
-    assert len(sd) == 242 and sum(v.numel() for v in sd.values()) == 5_680_910_336  # spec section 5
+    assert len(sd) == 242 and sum(v.numel() for v in sd.values()) == 5_680_910_336  # the official umT5-XXL encoder file
     assert sd["blocks.23.pos_embedding.embedding.weight"].shape == (32, 64)
     assert clip.image_size == 224 and clip.transformer[30].attn.heads == 16 and out.shape == (1, 257, 1280)
     assert clip.state_dict()["transformer.0.attn.to_qkv.weight"].shape == (3840, 1280)
@@ -1458,10 +1458,25 @@ def test_help(capsys):
 DISTILL = ["--lora_rank=4", "--disc_width=64", "--log_every=1", "--export_dtype=fp32", "--batch_size=2"]
 
 
+def distill_cmd(args, nproc=1):
+    return [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+                               if nproc > 1 else []) + [os.path.join(HERE, "distill.py")] + DISTILL + args
+
+
 def run_distill(args, nproc=1):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-                              if nproc > 1 else []) + [os.path.join(HERE, "distill.py")] + DISTILL + args
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=600)
+    return subprocess.run(distill_cmd(args, nproc), capture_output=True, text=True, cwd=HERE, timeout=600)
+
+
+def start_distill(args, out, nproc=1):
+    """distill.py (under torchrun when nproc > 1) in the background, returned once it has logged its first step."""
+    p = subprocess.Popen(distill_cmd(args + [f"--out={out}"], nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=HERE)
+    log = os.path.join(out, "log.jsonl")
+    for _ in range(1500):
+        if os.path.exists(log) and os.path.getsize(log):
+            break
+        time.sleep(0.2)
+    return p
 
 
 def read_log(out):
@@ -1545,14 +1560,7 @@ def test_distill_stops_on_non_finite_steps(i2v_ckpt, latents, tmp_path):
 def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
     import signal
     out = str(tmp_path / "term")
-    cmd = [sys.executable, os.path.join(HERE, "distill.py")] + DISTILL + [
-        f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=1000", "--ckpt_every=1000"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
-    log = os.path.join(out, "log.jsonl")
-    for _ in range(600):  # wait for the first logged step
-        if os.path.exists(log) and os.path.getsize(log):
-            break
-        time.sleep(0.2)
+    p = start_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=1000", "--ckpt_every=1000"], out)
     p.send_signal(signal.SIGTERM)
     text, _ = p.communicate(timeout=300)
     assert p.returncode == 0 and "checkpoint saved" in text, text[-3000:]
@@ -1685,7 +1693,7 @@ def test_demo_sample_out_of_the_box(tmp_path):
     assert r.returncode == 0, r.stderr
     assert time.time() - t0 < 60
     assert "using the bundled demo model" in r.stdout and "--ckpt_dir" in r.stdout and "student 1 step" in r.stdout
-    v = read_mp4(str(tmp_path / "a_red_circle_moving_right_student1_seed0.mp4"))
+    v = read_mp4(str(tmp_path / "example_a_red_circle_moving_right_student1_seed0.mp4"))
     assert v.shape == (toy.FRAMES, toy.SIZE, toy.SIZE, 3)
     assert toy.motion_correct(v, "red", "right")  # the student does what the demo's prompt says
 
@@ -1912,8 +1920,6 @@ def test_kernel_tiny_model_kernels_vs_torch(K, monkeypatch):
     _check(outs["triton"], outs["torch"], 1e-4)
 
 
-if __name__ == "__main__" and sys.argv[1] == "sp":
-    sp_worker(sys.argv[2])
 
 
 # =============================================================================
@@ -2145,3 +2151,168 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
     with pytest.raises(SystemExit, match=r"full_s0/student.safetensors not found: run `python toy.py` first"):
         toy.main(["--lora-table", "--out", str(tmp_path / "none")])
     assert not os.path.exists(tmp_path / "none")
+
+
+# =============================================================================
+# a newcomer's first hour: the README's Distil block on the demo, distill.py --help, one-line stops under
+# torchrun, sample.py's and data.py's small surprises, T2V distillation
+
+
+def readme_block(after):
+    """The commands of the first ```bash block after `after` in README.md, each split into words (comments dropped)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text[text.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].split() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_distil_runs_on_the_demo(tmp_path):
+    """The README's demo commands as written, in a fresh folder, with fewer clips and steps: clips to a sampled student."""
+    os.symlink(os.path.join(HERE, "assets"), tmp_path / "assets")
+    fewer = {"64": "2", "--phase1_steps=20": "--phase1_steps=1", "--phase2_steps=20": "--phase2_steps=1",
+             "--batch_size=8": "--batch_size=2"}
+    cmds = readme_block("The whole path on the bundled demo")
+    assert [c[:2] for c in cmds] == [["python", "data.py"]] * 2 + [["python", "distill.py"], ["python", "sample.py"]]
+    assert set(fewer) <= set(sum(cmds, []))
+    for c in cmds:
+        r = subprocess.run([sys.executable, os.path.join(HERE, c[1])] + [fewer.get(w, w) for w in c[2:]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, " ".join(c) + "\n" + r.stdout[-2000:] + r.stderr[-2000:]
+    assert read_mp4(str(tmp_path / "run" / "student.mp4")).shape == (17, 64, 64, 3)
+
+
+def test_distill_help_lists_every_field_and_takes_field_value(capsys):
+    import dataclasses
+    import distill
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(["--help"])
+    lines = [x.strip() for x in capsys.readouterr().out.splitlines() if x.startswith("  --")]
+    assert e.value.code == 0 and [x.split("=")[0] for x in lines] == [f"--{f.name}" for f in dataclasses.fields(distill.Config)]
+    assert all(x.split(")  ", 1)[1:] for x in lines)  # each with its comment
+    assert "--disc_shift_ref=32760  (int)  scale" in lines[21] and lines[21].endswith("0 = fixed")  # a 3-line comment
+    cfg = distill.parse_args(["--phase1_steps", "7", "--beta1", "-0.5", "--semantic=false"])
+    assert (cfg.phase1_steps, cfg.beta1, cfg.semantic) == (7, -0.5, False)
+    with pytest.raises(SystemExit, match="distill.py --help lists them"):
+        distill.parse_args(["--phase1_step=3"])
+    assert M.Discriminator(128, [0]).heads[0].queries.shape[-1] == 128  # disc_width 0: the backbone's dim, <= 1024
+    with torch.device("meta"):
+        assert M.Discriminator(5120, [0]).heads[0].queries.shape[-1] == 1024
+
+
+def test_distill_user_errors_once_under_torchrun(i2v_ckpt, latents, tmp_path):
+    """One line from rank 0, exit 1, no traceback from distill.py (torchrun adds its own ChildFailedError report)."""
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "student.safetensors").write_bytes(b"")
+    for args, what in (([f"--out={done}"], "this run has finished"),
+                       ([f"--out={tmp_path / 'b'}", "--batch_size=8", "--micro_batch=4"], "4 clips; --batch_size=8")):
+        r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}"] + args, nproc=2)
+        text = r.stdout + r.stderr
+        assert r.returncode == 1 and text.count("distill.py: error:") == 1 and what in text, text[-3000:]
+        assert 'distill.py", line' not in text
+
+
+def children(pid):
+    """The pids whose parent is pid (from /proc)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                kids += [int(d)] if int(f.read().rsplit(")", 1)[1].split()[1]) == pid else []
+        except OSError:
+            pass
+    return kids
+
+
+def test_distill_sigterm_to_the_ranks_under_torchrun(i2v_ckpt, latents, tmp_path):
+    """SIGTERM to torchrun's ranks (the README's way): a checkpoint, one line, and torchrun exits 0, no traceback."""
+    import signal
+    out = str(tmp_path / "term")
+    p = start_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=1000", "--ckpt_every=1000"], out, 2)
+    ranks = children(p.pid)
+    assert len(ranks) == 2
+    for pid in ranks:
+        os.kill(pid, signal.SIGTERM)
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and text.count("checkpoint saved; rerun to resume") == 1, text[-3000:]
+    assert "Traceback" not in text and "error" not in text.lower()
+    assert [d for d in os.listdir(out) if d.startswith("ckpt_")] != []
+
+
+def test_sample_small_surprises(i2v_ckpt, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--ckpt_dir", i2v_ckpt, "--frames", "5", "--size", "40*40", "--prompt", "a cat"]
+    other = str(tmp_path / "y.png")
+    imageio.imwrite(other, np.zeros((40, 56, 3), np.uint8))
+    a, b = sample.main(args + ["--image", image]), sample.main(args + ["--image", other])
+    assert (a, b) == ("x_a_cat_student1_seed0.mp4", "y_a_cat_student1_seed0.mp4") and os.path.isfile(a)
+    assert "--size 40*40 at the shape of" in capsys.readouterr().out and read_mp4(a).shape[1:3] == (32, 32)
+    for extra, what in ((["--steps", "0"], "--steps must be at least 1"), (["--device", "cuda"], "no CUDA GPU")):
+        if what == "no CUDA GPU" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as e:
+            sample.main(args + ["--image", image, "--out", "z.mp4"] + extra)
+        assert str(e.value.code).startswith("sample.py: error: " + extra[0]) and what in str(e.value.code)
+
+
+def test_precompute_no_usable_clip_says_what_fits(t2v_ckpt, videos, tmp_path):
+    out = str(tmp_path / "lat")
+    with pytest.raises(SystemExit) as e:
+        data.main(["--ckpt_dir", t2v_ckpt, "--videos", videos, "--out", out, "--frames", "81", "--size", "16*16"])
+    msg = str(e.value.code)
+    assert msg.startswith("data.py: error: no usable clip") and "\n" not in msg
+    assert "--frames 17 or fewer" in msg and "--size such as 64*48" in msg
+    data.main(["--ckpt_dir", t2v_ckpt, "--videos", videos, "--out", out, "--frames", "17", "--size", "16*16"])
+    assert len(data.LatentDataset(out)) == 4  # the same --out: the manifest without clips is started anew
+
+
+def test_distill_t2v_two_processes_both_phases(t2v_ckpt, videos, tmp_path):
+    """T2V on 2 ranks, sp=2, both phases, from a video folder (precomputed over both ranks at the frames and size a
+    demo-style config.json names); after the export only the newest checkpoint is left."""
+    ckpt = tmp_path / "t2v"
+    ckpt.mkdir()
+    for f in os.listdir(t2v_ckpt):
+        if f != "config.json":
+            os.symlink(os.path.join(t2v_ckpt, f), ckpt / f)
+    with open(os.path.join(t2v_ckpt, "config.json")) as f:
+        config = json.load(f) | {"vpae_demo": {"frames": 9, "size": "32*32"}}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = str(tmp_path / "run")
+    r = run_distill([f"--teacher={ckpt}", f"--data={videos}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
+                     "--sp=2", "--ckpt_every=1"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = read_log(out)
+    assert [x["phase"] for x in log] == [1, 1, 2, 2] and all(math.isfinite(v) for x in log for v in x.values())
+    assert sorted(os.listdir(out)) == ["ckpt_00000004", "config.json", "latents", "log.jsonl", "student.safetensors"]
+    lat = data.read_manifest(os.path.join(out, "latents"))
+    assert len(lat["clips"]) == 4 and len({c["shard"] for c in lat["clips"]}) == 2  # both ranks encoded clips
+    student = WanModel.from_pretrained(t2v_ckpt, weights=os.path.join(out, "student.safetensors"))
+    teacher = WanModel.from_pretrained(t2v_ckpt)
+    assert student.cfg.model_type == "t2v"
+    assert max((a - b).abs().max() for a, b in zip(student.parameters(), teacher.parameters())) > 0
+
+
+def test_precompute_on_two_ranks_equals_one(i2v_ckpt, videos, latents, tmp_path, capsys):
+    """torchrun data.py on 2 gloo ranks: the clips split over the ranks, one manifest, the same clips as one process."""
+    out = str(tmp_path / "lat2")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                        os.path.join(HERE, "data.py"), "--ckpt_dir", i2v_ckpt, "--videos", videos, "--out", out,
+                        "--frames", "9", "--size", "32*32", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("clips to encode") == 1 and "over 2 ranks" in r.stdout, r.stderr[-3000:]
+    one, two = data.read_manifest(latents), data.read_manifest(out)
+    assert len({c["shard"] for c in two["clips"]}) == 2 and not data.parts(out)
+    assert [{k: v for k, v in c.items() if k != "shard"} for c in two.pop("clips")] == \
+        [{k: v for k, v in c.items() if k != "shard"} for c in one.pop("clips")]
+    assert one == two  # model type, frames, size, skipped
+    a, b = data.LatentDataset(latents), data.LatentDataset(out)
+    torch.testing.assert_close(b.neg_context, a.neg_context)
+    for i in range(len(a)):
+        for k, v in a[i].items():
+            torch.testing.assert_close(b[i][k], v, rtol=1e-5, atol=1e-5)
+    data.precompute(i2v_ckpt, videos, out, frames=9, size="32*32")  # one process resumes it: nothing left to do
+    assert "0 clips to encode" in capsys.readouterr().out
+
+
+if __name__ == "__main__" and sys.argv[1] == "sp":
+    sp_worker(sys.argv[2])
