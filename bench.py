@@ -171,6 +171,115 @@ def kernels_bench(tiny):
     dit_latency(dev, tiny)
 
 
+# -----------------------------------------------------------------------------
+# compile: every Triton kernel and autotune config built ahead of time for Hopper and Ampere, no GPU needed
+
+ARCHS = {"sm_90a": (90, 232448), "sm_80": (80, 166912)}  # capability, shared memory a block may use (bytes)
+
+
+def compile_cases(full=True):
+    """The kernel launches of one Wan-14B block at 480p x 81 (32,760 tokens, 40 heads of 128, width 5120, bf16),
+    as (name, function that makes them) on meta tensors; `full` adds the cross-attention and head-dim-80 cases."""
+    A, N, R = _kernels()
+    L, H, D, Wd = 32760, 40, 128, 5120
+
+    def attn(Lq, Lk, h, d, k_lens):
+        def run():
+            q = torch.empty(1, Lq, h, d, device="meta", dtype=torch.bfloat16)
+            k = torch.empty(1, Lk, h, d, device="meta", dtype=torch.bfloat16)
+            kl = torch.full((1,), Lk, device="meta", dtype=torch.int32) if k_lens else None
+            o, lse = A._flash_fwd(q, k, k, kl)
+            A._flash_bwd(o, q, k, k, o, lse, kl)
+        return run
+
+    def fused(rope):
+        def run():
+            x = torch.empty(1, L, Wd, device="meta", requires_grad=True)
+            e = torch.empty(1, 1, Wd, device="meta", requires_grad=True)
+            N.ln_modulate(x, e, e, 1e-6, torch.bfloat16).backward(torch.empty(1, L, Wd, device="meta", dtype=torch.bfloat16))
+            xb = torch.empty(1, L, Wd, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            cs = torch.empty(L, D // 2, device="meta") if rope else None
+            y = R.qk_norm_rope(xb, torch.empty(Wd, device="meta", dtype=torch.bfloat16), H, 1e-6, cs, cs)
+            y.backward(torch.empty_like(y))
+        return run
+
+    cases = [("self-attn sp k_lens", attn(L, L, H, D, True)), ("fused ops w5120", fused(True))]
+    return cases + [("self-attn", attn(L, L, H, D, False)), ("cross text 512", attn(L, 512, H, D, False)),
+                    ("cross image 257", attn(L, 257, H, D, False)), ("head dim 80", attn(257, 257, 16, 80, False)),
+                    ("fused ops no rope", fused(False))] * full
+
+
+def _launches(run):
+    """The Triton launches `run` makes, recorded instead of run: [(kernel, args, kwargs)]."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    ks = [k for m in _kernels() for k in vars(m).values() if isinstance(k, (Autotuner, JITFunction))]
+    calls = []
+    for k in ks:
+        k.run = lambda *a, grid, warmup, _k=k, **kw: calls.append((_k, a, kw))
+    try:
+        run()
+    finally:
+        for k in ks:
+            del k.run
+    return calls
+
+
+def compile_table(cases, archs=ARCHS):
+    """Every distinct (kernel, specialization, autotune config, arch) among the cases' launches, built to cubin
+    as triton's launcher would specialize it, with what ptxas reports: one dict per build."""
+    import contextlib
+    import io
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True  # ptxas runs and talks
+    rows, seen = [], set()
+    for case, run in cases:
+        for k, args, kw in _launches(run):
+            fn = k.fn if hasattr(k, "configs") else k  # an Autotuner wraps the JITFunction; a kernel per config
+            for c in [c.all_kwargs() for c in k.configs] if hasattr(k, "configs") else [{}]:
+                for arch, (cap, smem_max) in archs.items():
+                    target = GPUTarget("cuda", cap, 32)
+                    backend = make_backend(target)
+                    kwargs = {**kw, **c}
+                    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+                    options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+                    key = (fn.__module__, fn.__name__, repr(consts), repr(attrs), options.num_warps, options.num_stages, arch)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    log, t0 = io.StringIO(), time.perf_counter()
+                    with contextlib.redirect_stdout(log):
+                        out = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+                    num = lambda pat: sum(int(n) for n in re.findall(pat, log.getvalue()))  # noqa: E731
+                    ptx = out.asm["ptx"]
+                    rows.append(dict(
+                        case=case, kernel=f"{fn.__module__.split('.')[-1]}.{fn.__name__}", arch=arch,
+                        config=f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" if c else
+                        f"w{options.num_warps} s{options.num_stages}", regs=num(r"Used (\d+) registers"),
+                        spill_st=num(r"(\d+) bytes spill stores"), spill_ld=num(r"(\d+) bytes spill loads"),
+                        smem=out.metadata.shared, smem_max=smem_max, s=time.perf_counter() - t0,
+                        mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-"))
+    return rows
+
+
+def compile_report(full):
+    rows = compile_table(compile_cases(full))
+    print("Triton kernels compiled ahead of time with the ptxas in the triton wheel (no GPU); config = "
+          "BLOCK_M,BLOCK_N,warps,stages; smem = shared memory the kernel asks for, limit in brackets")
+    print(f"{'case':20s} {'kernel':32s} {'config':12s} {'arch':7s} {'regs':>4s} {'spill st/ld B':>13s} "
+          f"{'smem KiB':>13s} {'mma':>5s} {'s':>5s}")
+    for r in rows:
+        print(f"{r['case']:20s} {r['kernel']:32s} {r['config']:12s} {r['arch']:7s} {r['regs']:4d} "
+              f"{r['spill_st']:6d}/{r['spill_ld']:<6d} {r['smem'] / 1024:5.0f} ({r['smem_max'] // 1024:3d}) "
+              f"{r['mma']:>5s} {r['s']:5.1f}")
+    bad = [r for r in rows if r["spill_st"] or r["spill_ld"] or r["smem"] > r["smem_max"]]
+    print(f"{len(rows)} kernels compiled, {len(bad)} spill or overflow shared memory")
+
+
 def rss_peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
 
@@ -304,7 +413,7 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory", "train-memory", "kernels"])
+    p.add_argument("what", choices=["dit", "load", "memory", "train-memory", "kernels", "compile"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
@@ -330,6 +439,8 @@ if __name__ == "__main__":
         load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype])
     elif a.what == "memory":
         memory(a)
+    elif a.what == "compile":
+        compile_report(not a.tiny)
     elif a.what == "train-memory":
         train_memory(a)
     elif a.what == "kernels":
