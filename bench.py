@@ -225,9 +225,8 @@ def _launches(run):
     return calls
 
 
-def compile_table(cases, archs=ARCHS):
-    """Every distinct (kernel, specialization, autotune config, arch) among the cases' launches, built to cubin
-    as triton's launcher would specialize it, with what ptxas reports: one dict per build."""
+def _build(fn, args, kwargs, arch):
+    """One launch built to cubin for `arch` as triton's launcher would specialize it: (cache key, ptxas's report)."""
     import contextlib
     import io
     import re
@@ -235,34 +234,44 @@ def compile_table(cases, archs=ARCHS):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
-    triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True  # ptxas runs and talks
+    cap, smem_max = ARCHS[arch]
+    target = GPUTarget("cuda", cap, 32)
+    backend = make_backend(target)
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # ptxas's -v report, printed when dump_ptxas_log is on
+        out = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+    num = lambda pat: sum(int(n) for n in re.findall(pat, log.getvalue()))  # noqa: E731
+    ptx = out.asm["ptx"]
+    return dict(regs=num(r"Used (\d+) registers"), spill_st=num(r"(\d+) bytes spill stores"),
+                spill_ld=num(r"(\d+) bytes spill loads"), smem=out.metadata.shared, smem_max=smem_max,
+                mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-")
+
+
+def compile_table(cases, archs=tuple(ARCHS)):
+    """Every distinct (kernel, specialization, autotune config, arch) among the cases' launches, built to cubin
+    with what ptxas reports: one dict per build."""
+    import triton
     rows, seen = [], set()
-    for case, run in cases:
-        for k, args, kw in _launches(run):
-            fn = k.fn if hasattr(k, "configs") else k  # an Autotuner wraps the JITFunction; a kernel per config
-            for c in [c.all_kwargs() for c in k.configs] if hasattr(k, "configs") else [{}]:
-                for arch, (cap, smem_max) in archs.items():
-                    target = GPUTarget("cuda", cap, 32)
-                    backend = make_backend(target)
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
+        triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True  # ptxas runs, talks
+        for case, run in cases:
+            for k, args, kw in _launches(run):
+                fn = k.fn if hasattr(k, "configs") else k  # an Autotuner wraps the JITFunction; a kernel per config
+                for c in [c.all_kwargs() for c in k.configs] if hasattr(k, "configs") else [{}]:
                     kwargs = {**kw, **c}
-                    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-                    options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-                    key = (fn.__module__, fn.__name__, repr(consts), repr(attrs), options.num_warps, options.num_stages, arch)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    log, t0 = io.StringIO(), time.perf_counter()
-                    with contextlib.redirect_stdout(log):
-                        out = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
-                    num = lambda pat: sum(int(n) for n in re.findall(pat, log.getvalue()))  # noqa: E731
-                    ptx = out.asm["ptx"]
-                    rows.append(dict(
-                        case=case, kernel=f"{fn.__module__.split('.')[-1]}.{fn.__name__}", arch=arch,
-                        config=f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" if c else
-                        f"w{options.num_warps} s{options.num_stages}", regs=num(r"Used (\d+) registers"),
-                        spill_st=num(r"(\d+) bytes spill stores"), spill_ld=num(r"(\d+) bytes spill loads"),
-                        smem=out.metadata.shared, smem_max=smem_max, s=time.perf_counter() - t0,
-                        mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-"))
+                    name = f"{fn.__module__.split('.')[-1]}.{fn.__name__}"
+                    config = (f"{c['BLOCK_M']}x{c['BLOCK_N']} " if c else "") + \
+                        f"w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"  # triton's defaults: 4, 3
+                    key = (name, config, repr([a for a in args if not isinstance(a, torch.Tensor)]), repr(kw))
+                    for arch in archs:
+                        if (key, arch) not in seen:
+                            seen.add((key, arch))
+                            t0 = time.perf_counter()
+                            r = _build(fn, args, kwargs, arch)
+                            rows.append(dict(case=case, kernel=name, config=config, arch=arch,
+                                             s=time.perf_counter() - t0, **r))
     return rows
 
 

@@ -1913,3 +1913,29 @@ def test_kernel_tiny_model_kernels_vs_torch(K, monkeypatch):
 
 if __name__ == "__main__" and sys.argv[1] == "sp":
     sp_worker(sys.argv[2])
+
+
+# =============================================================================
+# GPU path without a GPU: Triton kernels built ahead of time for Hopper and Ampere (bench.py compile)
+
+
+def test_kernels_compile_for_sm90a_and_sm80_without_spills():
+    """Every kernel and autotune config of one Wan-14B block (32,760 tokens, head dim 128, width 5120, bf16) builds to
+    cubin with the wheel's ptxas, spills no register, fits shared memory, and the attention dots use wgmma on sm_90a."""
+    triton = pytest.importorskip("triton")
+    import bench
+    import kernels
+    if kernels._attention.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 collapses the autotune configs")
+    try:
+        triton.knobs.nvidia.ptxas.path
+    except Exception as e:  # e.g. a triton wheel without the NVIDIA backend's binaries
+        pytest.skip(f"no ptxas: {e}")
+    rows = bench.compile_table(bench.compile_cases(full=False))
+    n_configs = sum(len(getattr(k, "configs", [None])) for k in (
+        kernels._attention._fwd_kernel, kernels._attention._bwd_dkdv_kernel, kernels._attention._bwd_dq_kernel))
+    assert len(rows) == 2 * (n_configs + 1 + 4)  # + the delta kernel, + 2 norm and 2 qk_norm_rope kernels
+    for r in rows:
+        assert r["regs"] > 0 and r["spill_st"] == r["spill_ld"] == 0 and r["smem"] <= r["smem_max"], r
+        if r["kernel"] in ("attention._fwd_kernel", "attention._bwd_dkdv_kernel", "attention._bwd_dq_kernel"):
+            assert r["mma"] == ("wgmma" if r["arch"] == "sm_90a" else "mma"), r
