@@ -4,10 +4,12 @@
       DiT forward time and peak memory, vpae beside diffusers' WanTransformer3DModel when it is installed
       (same config, random weights, fp32 on CPU / bf16 on GPU), each in its own process, alternating.
   python bench.py memory [--preset i2v-14B --world 8 --sp 8 --frames 81 --size 832*480]
-      distill.py's per-GPU memory estimate for a preset, from models built on the meta device.
-  python bench.py train-memory [--dim 768 --heads 6 --layers 8 --frames 9 --size 256*256]
-      Runs distill.py on 2 CPU ranks (gloo) on a random checkpoint of that size and random latents, and prints
-      the peak RSS per rank it logs beside the estimate it printed at start.
+      Per-GPU peak of each kind of distill.py step (Models, shard, the step functions) from PyTorch's FSDPMemTracker
+      on fake tensors, by category, and the fewest 80 GB / 141 GB GPUs; first checked against a measured 2-rank
+      gloo run at small size. Without --preset: I2V-14B at 480p and 720p (world 8, sp 8) and T2V-1.3B (world 1).
+  python bench.py compile [--tiny]
+      Every Triton kernel and autotune config built for sm_90a and sm_80 (no GPU needed): registers, spills,
+      shared memory, wgmma. --tiny: only the self-attention and fused-op shapes (what the test builds).
   python bench.py kernels [--tiny]
       On a GPU: bf16 attention fwd/bwd checked against fp64 beside SDPA's own bf16 error; attention TFLOP/s at
       Wan shapes beside SDPA cuDNN and flash; GB/s of the fused norm ops against a copy of the same bytes; one
@@ -276,17 +278,25 @@ def compile_table(cases, archs=tuple(ARCHS)):
 
 
 def compile_report(full):
-    rows = compile_table(compile_cases(full))
-    print("Triton kernels compiled ahead of time with the ptxas in the triton wheel (no GPU); config = "
-          "BLOCK_M,BLOCK_N,warps,stages; smem = shared memory the kernel asks for, limit in brackets")
-    print(f"{'case':20s} {'kernel':32s} {'config':12s} {'arch':7s} {'regs':>4s} {'spill st/ld B':>13s} "
-          f"{'smem KiB':>13s} {'mma':>5s} {'s':>5s}")
+    """One line per kernel and config, the worst over the cases (shapes, k_lens or not) for each arch."""
+    cases = compile_cases(full)
+    t0 = time.perf_counter()
+    rows = compile_table(cases)
+    print(f"Triton kernels built ahead of time for sm_90a and sm_80 with the ptxas in the triton wheel (no GPU), "
+          f"{len(rows)} builds in {time.perf_counter() - t0:.0f} s, each the worst over: {', '.join(c for c, _ in cases)}")
+    print(f"{'kernel':28s} {'config':13s}" + "".join(f" | {a:6s} regs spill(st/ld B) smem KiB (max) mma" for a in ARCHS))
+    groups = {}
     for r in rows:
-        print(f"{r['case']:20s} {r['kernel']:32s} {r['config']:12s} {r['arch']:7s} {r['regs']:4d} "
-              f"{r['spill_st']:6d}/{r['spill_ld']:<6d} {r['smem'] / 1024:5.0f} ({r['smem_max'] // 1024:3d}) "
-              f"{r['mma']:>5s} {r['s']:5.1f}")
+        groups.setdefault((r["kernel"], r["config"]), {}).setdefault(r["arch"], []).append(r)
+    for (kernel, config), by_arch in groups.items():
+        line = f"{kernel:28s} {config:13s}"
+        for arch, rs in by_arch.items():
+            w = lambda k: max(r[k] for r in rs)  # noqa: E731
+            line += f" | {arch:6s} {w('regs'):4d} {w('spill_st'):6d}/{w('spill_ld'):<6d} {w('smem') / 1024:8.0f} " \
+                    f"({rs[0]['smem_max'] // 1024}) {'/'.join(sorted({r['mma'] for r in rs})):5s}"
+        print(line)
     bad = [r for r in rows if r["spill_st"] or r["spill_ld"] or r["smem"] > r["smem_max"]]
-    print(f"{len(rows)} kernels compiled, {len(bad)} spill or overflow shared memory")
+    print(f"{len(bad)} of {len(rows)} builds spill registers or overflow shared memory")
 
 
 def rss_peak():
@@ -306,55 +316,205 @@ def load(ckpt, dtype=None):
           f"peak/size={peak / size:.3f}, dtype {dtype or 'as stored'} (checksum {touched:.3e})")
 
 
+# -----------------------------------------------------------------------------
+# memory: PyTorch's FSDPMemTracker on fake tensors, through distill.py's own Models, shard and step functions
+
+CASES = [("i2v-14B", "832*480", 81, 8, 8), ("i2v-14B", "1280*720", 81, 8, 8), ("t2v-1.3B", "832*480", 81, 1, 1)]
+CATEGORIES = ["Sharded Param", "Sharded Grad", "OptState", "Unsharded Param", "Unsharded Grad", "All Gather",
+              "Reduce Scatter", "Activation", "Temp", "Inputs", "Buffer"]
+SHARDED = ("Sharded Param", "Sharded Grad", "OptState")  # what FSDP divides by the world size
+
+
+def _tracker(roots, opts):
+    """FSDPMemTracker over several FSDP roots and optimizers (it takes one of each), where a model may run more
+    than once per step (the teacher does: CFG, then the fake score)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class Tracker(FSDPMemTracker):
+        def _fsdp_state_pre_forward(self, fsdp_mod, orig):
+            inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+            def pre(*args, **kwargs):  # a root's second forward in one step is refused: forget its module stats
+                if any(fsdp_mod is r for r in roots) and not self._mod_tracker.is_bw:
+                    self.memory_tracking.pop(fsdp_mod, None)
+                return inner(*args, **kwargs)
+            return pre
+
+        def _instrument_optimizer(self):
+            handles = []
+            for self._optm in opts:
+                super()._instrument_optimizer()
+                handles += self._optimizer_hook_handles
+            self._optimizer_hook_handles = handles
+
+    t = Tracker(roots[0])
+    t._root_mod = torch.nn.ModuleList(roots)
+    return t
+
+
+def distill_steps(mc, cfg, device, mesh, sp_group, frames, size):
+    """distill.Models built from the model config mc instead of a checkpoint, its three optimizers with their Adam
+    state materialised (distill.main does that before step 1), a batch, and distill.main's three kinds of step."""
+    from unittest import mock
+    import distill
+    from model import WanModel
+    with mock.patch.object(distill.WanModel, "from_pretrained", lambda *a, **k: WanModel(mc)), \
+            mock.patch("torch.distributed.device_mesh.init_device_mesh", lambda *a, **k: mesh):
+        m = distill.Models(cfg, device, sp_group)
+    # foreach=False: with foreach the tracker inflates the step (the issue's pitfall); a GPU would use foreach
+    opts = {"gen": torch.optim.Adam(m.gen.parameters(), lr=cfg.lr_phase1, foreach=False),
+            "fake": torch.optim.Adam([p for p in m.teacher.parameters() if p.requires_grad], lr=cfg.lr_fake, foreach=False),
+            "disc": torch.optim.Adam(m.disc.parameters(), lr=cfg.lr_disc, betas=(cfg.beta1, cfg.beta2), foreach=False)}
+    for o in opts.values():
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.zeros_like(p)
+        o.step()
+        o.zero_grad(set_to_none=True)
+    W, H = map(int, size.split("*"))
+    lat = (1, 16, (frames - 1) // 4 + 1, H // 8, W // 8)
+    clip = {} if mc.model_type == "t2v" else {"y": torch.randn(1, 20, *lat[2:]), "clip": torch.randn(1, 257, mc.clip_dim)}
+    batch = distill.prepare({"latent": torch.randn(lat), "context": torch.randn(1, 30, mc.text_dim), **clip},
+                            torch.randn(20, mc.text_dim), mc.text_len, "cpu")
+    rng = torch.Generator().manual_seed(0)
+
+    def step(*names):  # distill.main's opt_step without the grad-norm bookkeeping
+        for n in names:
+            opts[n].step()
+            opts[n].zero_grad(set_to_none=True)
+    steps = {"Phase I: generator + fake-score step": lambda: (distill.phase1_step(cfg, m, batch, rng), step("gen", "fake")),
+             "Phase II: D step": lambda: (distill.phase2_d_step(cfg, m, batch, rng), step("disc")),
+             "Phase II: G step": lambda: (distill.phase2_g_step(cfg, m, batch, rng), step("disc", "gen"),
+                                          distill.ema_update(m.ema, m.gen, cfg.ema))}
+    return m, opts, batch, steps
+
+
+def _model_cfg(a):
+    from model import PRESETS, WanConfig
+    return PRESETS[a.preset] if a.preset != "custom" else \
+        WanConfig("t2v", dim=a.dim, ffn_dim=a.ffn, num_heads=a.heads, num_layers=a.layers, text_dim=256, text_len=64)
+
+
+def memory_child(a):
+    """One case on fake tensors, as rank 0 of a fake process group: a json line per step with the tracker's peak
+    by category and its total when the step began. --device cuda: bf16 compute (FSDP's policy on a GPU)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    import distill
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=a.world)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (a.world,))  # outside FakeTensorMode
+    sp_group = dist.new_group(list(range(a.sp))) if a.sp > 1 else None
+    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width)
+    with FakeTensorMode():
+        # device "cuda" only picks shard()'s bf16 policy; the mesh, and so every tensor, stays on (fake) CPU
+        m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device(a.device), mesh, sp_group, a.frames, a.size)
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            t = _tracker([m.gen, m.ema, m.teacher, m.disc], list(opts.values()))
+            t.track_inputs((batch,))
+            with t:  # one step per tracker: it refuses a second iteration
+                (start,) = t.get_tracker_snapshot().values()
+                fn()
+            (peak,) = t.get_tracker_snapshot("peak").values()
+            print(json.dumps({"step": name, "peak": peak, "start": start["Total"], "s": time.perf_counter() - t0}),
+                  flush=True)
+
+
+def _child_json(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _case_args(preset, size, frames, world, sp, device, a):
+    return [sys.executable, __file__, "memory", "--child", f"--preset={preset}", f"--size={size}", f"--frames={frames}",
+            f"--world={world}", f"--sp={sp}", f"--device={device}", f"--disc_width={a.disc_width}"] + \
+        [f"--{k}={getattr(a, k)}" for k in ("dim", "ffn", "heads", "layers")]
+
+
+def rss_now():
+    """(resident, peak resident) bytes of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        v = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.startswith(("VmRSS", "VmHWM"))}
+    return v["VmRSS"], v["VmHWM"]
+
+
+def memory_measure(a):
+    """One rank of the CPU check (under torchrun, gloo): the same steps on real tensors, each step's peak RSS above
+    its start (the peak is reset before it), as json lines from rank 0."""
+    import torch.distributed as dist
+    import distill
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+    sp_group = dist.new_group(list(range(a.sp))) if a.sp > 1 else None  # world == sp here: one group
+    torch.manual_seed(0)
+    base = rss_now()[0]
+    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width)
+    m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device("cpu"), mesh, sp_group, a.frames, a.size)
+    for name, fn in steps.items():
+        dist.barrier()
+        start = rss_now()[0]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        fn()
+        if rank == 0:
+            print(json.dumps({"step": name, "peak_above_start": rss_now()[1] - start, "start_above_base": start - base}),
+                  flush=True)
+    dist.destroy_process_group()
+
+
+def memory_validate(a):
+    """Tracker on fake tensors against a measured 2-rank gloo run of the same small config (fp32 on CPU)."""
+    size, frames = "256*256", 9
+    a = argparse.Namespace(**{**vars(a), "preset": "custom", "dim": 768, "ffn": 3072, "heads": 6, "layers": 4})
+    pred = _child_json(_case_args("custom", size, frames, 2, 2, "cpu", a))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")  # large frees go back to the OS
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", __file__, "memory",
+           "--measure", "--preset=custom", f"--size={size}", f"--frames={frames}", "--sp=2", f"--disc_width={a.disc_width}"
+           ] + [f"--{k}={getattr(a, k)}" for k in ("dim", "ffn", "heads", "layers")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"the measured CPU run failed:\n{out.stderr[-3000:]}")
+    meas = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    print(f"check on this CPU: dim {a.dim}, {a.layers} layers, {frames} frames at {size}, 2 gloo ranks, sp 2, fp32; "
+          f"per rank, GiB")
+    print(f"  {'step':40s} {'state at start: tracked':>24s} {'measured RSS':>13s}  {'step peak above start: tracked':>31s}"
+          f" {'measured RSS':>13s}")
+    for p, r in zip(pred, meas):
+        print(f"  {p['step']:40s} {p['start'] / 2**30:24.3f} {r['start_above_base'] / 2**30:13.3f}  "
+              f"{(p['peak']['Total'] - p['start']) / 2**30:31.3f} {r['peak_above_start'] / 2**30:13.3f}")
+
+
 def memory(a):
-    import types
-    from distill import Config, add_lora, memory_estimate, print_memory
-    from model import PRESETS, Discriminator, WanModel
-    cfg = Config(sp=a.sp)
-    with torch.device("meta"):
-        gen, teacher = WanModel(PRESETS[a.preset]), WanModel(PRESETS[a.preset])
-        add_lora(teacher, cfg.lora_rank)
-        disc = Discriminator(gen.cfg.dim, range(cfg.disc_taps), cfg.disc_width, cfg.disc_queries, cfg.semantic)
-    W, H = map(int, a.size.split("*"))
-    tokens = ((a.frames - 1) // 4 + 1) * (H // 16) * (W // 16)
-    print(f"{a.preset} distillation, Phase II (the larger), {a.frames} frames at {a.size} = {tokens} tokens, "
-          f"world {a.world}, sp {a.sp}, micro-batch 1, the default Config")
-    print_memory(memory_estimate(cfg, types.SimpleNamespace(gen=gen, teacher=teacher, disc=disc), a.world, tokens))
-
-
-def train_memory(a):
-    import tempfile
-    from safetensors.torch import save_file
-    from model import WanConfig, WanModel
-    root = tempfile.mkdtemp(prefix="vpae-mem-")
-    cfg = WanConfig("t2v", dim=a.dim, ffn_dim=4 * a.dim, num_heads=a.heads, num_layers=a.layers, text_len=64)
-    ckpt, lat = os.path.join(root, "ckpt"), os.path.join(root, "latents")
-    os.makedirs(ckpt), os.makedirs(lat)
-    save_file({k: v.contiguous() for k, v in WanModel(cfg).state_dict().items()},
-              os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(ckpt, "config.json"), "w") as f:
-        json.dump({"model_type": "t2v", "dim": a.dim, "ffn_dim": 4 * a.dim, "num_heads": a.heads,
-                   "num_layers": a.layers, "text_len": 64}, f)
-    W, H = map(int, a.size.split("*"))
-    shape = (16, (a.frames - 1) // 4 + 1, H // 8, W // 8)
-    clips = [{"id": f"{i:06d}", "shard": "shard_00000.safetensors", "caption": "x", "file": f"{i}.mp4"} for i in range(4)]
-    save_file({f"{c['id']}.{k}": torch.randn(*s) for c in clips for k, s in (("latent", shape), ("context", (20, 4096)))},
-              os.path.join(lat, "shard_00000.safetensors"))
-    save_file({"context": torch.randn(20, 4096)}, os.path.join(lat, "neg_context.safetensors"))
-    with open(os.path.join(lat, "manifest.json"), "w") as f:
-        json.dump({"model_type": "t2v", "frames": a.frames, "size": a.size, "clips": clips, "skipped": {}}, f)
-    out = os.path.join(root, "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py"), f"--teacher={ckpt}",
-           f"--data={lat}", f"--out={out}", "--phase1_steps=1", "--phase2_steps=2", "--batch_size=2",
-           "--log_every=1", "--ckpt_every=1000", "--sp=2"]
-    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    est = float(text.split("memory per GPU  total")[1].split()[0])
-    with open(os.path.join(out, "log.jsonl")) as f:
-        peak = max(json.loads(line)["peak_mem_gib"] for line in f)
-    print([line for line in text.splitlines() if "memory per GPU" in line or "tokens per clip" in line], sep="\n")
-    print(f"2 CPU ranks, sp 2, dim {a.dim}, {a.layers} layers: estimate {est:.2f} GiB per rank, "
-          f"measured peak RSS {peak:.2f} GiB per rank (RSS includes the ~0.4 GiB of the Python/torch process)")
+    if a.measure:
+        return memory_measure(a)
+    if a.child:
+        return memory_child(a)
+    print("per-GPU memory of distill.py's steps from PyTorch's FSDPMemTracker "
+          "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group")
+    memory_validate(a)
+    cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp)]
+    for preset, size, frames, world, sp in cases:
+        t0 = time.perf_counter()
+        rows = _child_json(_case_args(preset, size, frames, world, sp, "cuda", a))
+        W, H = map(int, size.split("*"))
+        tokens = ((frames - 1) // 4 + 1) * (H // 16) * (W // 16)
+        print(f"{preset}, {frames} frames at {size} ({tokens} tokens), world {world}, sp {sp}, bf16 compute, fp32 master "
+              f"weights and reduce, micro-batch 1, default Config ({time.perf_counter() - t0:.0f} s); GiB per GPU at the "
+              f"peak of each step:")
+        cats = [c for c in CATEGORIES if any(r["peak"].get(c) for r in rows)]
+        print(f"  {'step':40s} {'peak':>6s} " + " ".join(f"{c:>15s}" for c in cats))
+        for r in rows:
+            print(f"  {r['step']:40s} {r['peak']['Total'] / 2**30:6.1f} " +
+                  " ".join(f"{r['peak'].get(c, 0) / 2**30:15.2f}" for c in cats))
+        for gb in (80, 141):  # the sharded states shrink as world/N on N GPUs; the rest stays (sp fixed)
+            need = lambda n: max(sum(v for c, v in r["peak"].items() if c in SHARDED) * world / n +  # noqa: E731
+                                 sum(v for c, v in r["peak"].items() if c not in SHARDED + ("Total",)) for r in rows)
+            n = next((n for n in range(sp, 1025, sp) if need(n) <= gb * 1e9), None)
+            print(f"  smallest number of {gb} GB GPUs (sp {sp}): {n} ({need(n) / 2**30:.1f} GiB at the peak)" if n else
+                  f"  does not fit {gb} GB GPUs at sp {sp}")
 
 
 def dit_child(a):
@@ -422,7 +582,7 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory", "train-memory", "kernels", "compile"])
+    p.add_argument("what", choices=["dit", "load", "memory", "kernels", "compile"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
@@ -433,7 +593,10 @@ if __name__ == "__main__":
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--impl", default="vpae")
-    p.add_argument("--preset", default="i2v-14B")
+    p.add_argument("--preset", help="memory: one case of this preset (default: the three cases of bench.CASES)")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--disc_width", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--sp", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
@@ -441,7 +604,7 @@ if __name__ == "__main__":
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
-    a.size = a.size or {"memory": "832*480", "train-memory": "256*256"}.get(a.what, "416*240")
+    a.size = a.size or {"memory": "832*480"}.get(a.what, "416*240")
     if a.what == "load":
         if not a.ckpt:
             p.error("load needs a checkpoint directory")
@@ -450,8 +613,6 @@ if __name__ == "__main__":
         memory(a)
     elif a.what == "compile":
         compile_report(not a.tiny)
-    elif a.what == "train-memory":
-        train_memory(a)
     elif a.what == "kernels":
         if a.tiny:
             os.environ["TRITON_INTERPRET"] = "1"  # before kernels (and triton) are imported
