@@ -394,6 +394,16 @@ def _model_cfg(a):
         WanConfig("t2v", dim=a.dim, ffn_dim=a.ffn, num_heads=a.heads, num_layers=a.layers, text_dim=256, text_len=64)
 
 
+def flop_counter():
+    """FlopCounterMode, also counting the CPU SDPA op (its formula is the GPU ops' one) that fake tensors run."""
+    from torch.utils import flop_counter as fcm
+    aten = torch.ops.aten
+    fcm.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(fcm.sdpa_flop)
+    fcm.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(
+        fcm.sdpa_backward_flop)
+    return fcm.FlopCounterMode(display=False)
+
+
 def memory_child(a):
     """One case on fake tensors, as rank 0 of a fake process group: a json line per step with the tracker's peak
     by category and its total when the step began. --device cuda: bf16 compute (FSDP's policy on a GPU)."""
@@ -412,12 +422,15 @@ def memory_child(a):
             t0 = time.perf_counter()
             t = _tracker([m.gen, m.ema, m.teacher, m.disc], list(opts.values()))
             t.track_inputs((batch,))
-            with t:  # one step per tracker: it refuses a second iteration
+            with t, flop_counter() as fc:  # one step per tracker: it refuses a second iteration
                 (start,) = t.get_tracker_snapshot().values()
                 fn()
             (peak,) = t.get_tracker_snapshot("peak").values()
-            print(json.dumps({"step": name, "peak": peak, "start": start["Total"], "s": time.perf_counter() - t0}),
-                  flush=True)
+            print(json.dumps({"step": name, "peak": peak, "start": start["Total"], "flops": fc.get_total_flops(),
+                              "s": time.perf_counter() - t0}), flush=True)
+        with torch.no_grad(), flop_counter() as fc:  # a one-step sample: one generator forward (no encoders, no VAE)
+            distill.run(m.gen, batch["latent"], torch.ones(1), batch["cond"])
+        print(json.dumps({"step": "one-step sample (DiT forward)", "flops": fc.get_total_flops()}), flush=True)
 
 
 def _child_json(cmd):
@@ -487,34 +500,46 @@ def memory_validate(a):
               f"{(p['peak']['Total'] - p['start']) / 2**30:31.3f} {r['peak_above_start'] / 2**30:13.3f}")
 
 
+PEAK_TFLOPS = {"H100 SXM": 989.4, "H200 SXM": 989.4}  # dense bf16 tensor-core peak, NVIDIA's datasheets
+
+
 def memory(a):
     if a.measure:
         return memory_measure(a)
     if a.child:
         return memory_child(a)
     print("per-GPU memory of distill.py's steps from PyTorch's FSDPMemTracker "
-          "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group")
-    memory_validate(a)
+          "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group; "
+          "FLOPs from torch.utils.flop_counter.FlopCounterMode in the same pass")
+    t0 = time.perf_counter()
     cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp)]
-    for preset, size, frames, world, sp in cases:
-        t0 = time.perf_counter()
-        rows = _child_json(_case_args(preset, size, frames, world, sp, "cuda", a))
+    procs = [subprocess.Popen(_case_args(*c, "cuda", a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cases]  # the cases run side by side, one process each
+    memory_validate(a)
+    for (preset, size, frames, world, sp), p in zip(cases, procs):
+        out, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"the {preset} {size} case failed:\n{err[-3000:]}")
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         W, H = map(int, size.split("*"))
         tokens = ((frames - 1) // 4 + 1) * (H // 16) * (W // 16)
         print(f"{preset}, {frames} frames at {size} ({tokens} tokens), world {world}, sp {sp}, bf16 compute, fp32 master "
-              f"weights and reduce, micro-batch 1, default Config ({time.perf_counter() - t0:.0f} s); GiB per GPU at the "
-              f"peak of each step:")
-        cats = [c for c in CATEGORIES if any(r["peak"].get(c) for r in rows)]
-        print(f"  {'step':40s} {'peak':>6s} " + " ".join(f"{c:>15s}" for c in cats))
-        for r in rows:
-            print(f"  {r['step']:40s} {r['peak']['Total'] / 2**30:6.1f} " +
+              f"weights and reduce, micro-batch 1, the default Config ({time.perf_counter() - t0:.0f} s so far); per GPU:")
+        steps = [r for r in rows if "peak" in r]
+        cats = [c for c in CATEGORIES if any(r["peak"].get(c) for r in steps)]
+        print(f"  {'GiB at the peak of':37s} {'peak':>6s} " + " ".join(f"{c:>15s}" for c in cats))
+        for r in steps:
+            print(f"  {r['step']:37s} {r['peak']['Total'] / 2**30:6.1f} " +
                   " ".join(f"{r['peak'].get(c, 0) / 2**30:15.2f}" for c in cats))
-        for gb in (80, 141):  # the sharded states shrink as world/N on N GPUs; the rest stays (sp fixed)
+        for gb in (80, 141):  # on N GPUs the sharded states are world/N of these; the rest stays (sp fixed)
             need = lambda n: max(sum(v for c, v in r["peak"].items() if c in SHARDED) * world / n +  # noqa: E731
-                                 sum(v for c, v in r["peak"].items() if c not in SHARDED + ("Total",)) for r in rows)
+                                 sum(v for c, v in r["peak"].items() if c not in SHARDED + ("Total",)) for r in steps)
             n = next((n for n in range(sp, 1025, sp) if need(n) <= gb * 1e9), None)
-            print(f"  smallest number of {gb} GB GPUs (sp {sp}): {n} ({need(n) / 2**30:.1f} GiB at the peak)" if n else
+            print(f"  fewest {gb} GB GPUs at sp {sp}: {n} ({need(n) / 2**30:.1f} GiB each at the peak)" if n else
                   f"  does not fit {gb} GB GPUs at sp {sp}")
+        for r in rows:  # the roofline floor: this GPU's FLOPs at the dense bf16 peak
+            print(f"  {r['step']:37s} {r['flops'] / 1e12:9.1f} TFLOP per GPU; floor " + ", ".join(
+                f"{k} {r['flops'] / v / 1e12:.2f} s" for k, v in PEAK_TFLOPS.items()))
 
 
 def dit_child(a):
