@@ -1474,7 +1474,6 @@ def test_distill_two_processes_both_phases(i2v_ckpt, latents, tmp_path):
     r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=2",
                      "--phase2_steps=2", "--sp=2", f"--val_data={latents}", "--val_every=1"], nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "memory per GPU" in r.stdout
     log = read_log(out)
     assert [x["phase"] for x in log] == [1, 1, 2, 2]
     assert all(math.isfinite(v) for x in log for v in x.values())
