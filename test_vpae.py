@@ -1938,3 +1938,29 @@ def test_kernels_compile_for_sm90a_and_sm80_without_spills():
         assert r["regs"] > 0 and r["spill_st"] == r["spill_ld"] == 0 and r["smem"] <= r["smem_max"], r
         if r["kernel"] in ("attention._fwd_kernel", "attention._bwd_dkdv_kernel", "attention._bwd_dq_kernel"):
             assert r["mma"] == ("wgmma" if r["arch"] == "sm_90a" else "mma"), r
+
+
+def test_memory_tracker_sees_distill_models_and_steps():
+    """bench.py memory's tracker, on the tiny preset at world 2: the sharded parameters and Adam moments it reports are
+    distill.Models' own (fp32, halved), every step peaks above its start, and the FLOPs are counted."""
+    import distill
+    from model import Discriminator
+    r = subprocess.run([sys.executable, "bench.py", "memory", "--child", "--preset=tiny", "--size=64*64", "--frames=5",
+                        "--world=2", "--sp=2", "--device=cpu"], cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    cfg = distill.Config()
+    with torch.device("meta"):
+        gen, teacher = M.WanModel(M.PRESETS["tiny"]), M.WanModel(M.PRESETS["tiny"])
+        distill.add_lora(teacher, cfg.lora_rank)
+        disc = Discriminator(gen.cfg.dim, [0, 1], cfg.disc_width, cfg.disc_queries, cfg.semantic)
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    lora = n(teacher) - n(gen)
+    params = 4 * (2 * n(gen) + n(teacher) + n(disc)) / 2  # fp32 G, EMA, teacher with LoRA, heads; over 2 ranks
+    moments = 2 * 4 * (n(gen) + lora + n(disc)) / 2  # Adam's two fp32 moments of G, the LoRA and the heads
+    assert len(rows) == 4 and all(r["flops"] > 0 for r in rows)
+    for r in rows[:3]:
+        assert r["peak"]["Sharded Param"] == pytest.approx(params, rel=0.01)
+        assert r["peak"]["OptState"] == pytest.approx(moments, rel=0.01)
+        assert r["peak"]["Total"] > r["start"]
+    assert rows[2]["flops"] > rows[3]["flops"]  # the G step runs the generator, backbone and teacher, and backward
