@@ -14,6 +14,10 @@
       On a GPU: bf16 attention fwd/bwd checked against fp64 beside SDPA's own bf16 error; attention TFLOP/s at
       Wan shapes beside SDPA cuDNN and flash; GB/s of the fused norm ops against a copy of the same bytes; one
       DiT forward at 14B width, 480p x 81 frames. --tiny: the same code at tiny sizes on CPU, interpreted.
+  python bench.py gpu [--out gpu_summary.json] [--tiny]
+      The GPU acceptance run, one call: the kernels as above, a 4-block 14B-width DiT forward + backward with its
+      memory beside MemTracker's prediction, a few distill.py steps on a tiny checkpoint (world 1) and a one-step
+      sample.py on the bundled demo at 832x480 x 81 frames with stage times; a JSON summary.
   python bench.py load CKPT_DIR
       Peak RSS while loading an official checkpoint and touching every weight, against its size.
 """
@@ -62,6 +66,7 @@ def check_attention(dev, dt, tiny):
         [(2, 8, 1000, 1000, 128, [1000, 613]), (2, 8, 1000, 257, 128, None), (1, 16, 257, 257, 80, None),
          (2, 4, 777, 512, 64, [512, 100])]
     print(f"attention correctness ({dt}, error vs fp64; 'sdpa' = PyTorch SDPA in the same dtype)")
+    out = []
     for B, H, Lq, Lk, D, kl in cases:
         g = torch.Generator(device=dev).manual_seed(0)
         qkv = [torch.randn(B, L, H, D, generator=g, device=dev) for L in (Lq, Lk, Lk)]
@@ -78,6 +83,8 @@ def check_attention(dev, dt, tiny):
             f"{n} o/dq/dk/dv " + "/".join(f"{e:.1e}" for e in err[n]) for n in err))
         for et, es in zip(err["triton"], err["sdpa"]):
             assert math.isfinite(et) and et <= 2 * (es if math.isfinite(es) else 0) + 1e-2, "less accurate than SDPA"
+        out.append(dict(B=B, H=H, Lq=Lq, Lk=Lk, D=D, k_lens=kl, **{f"{n}_err_o_dq_dk_dv": err[n] for n in err}))
+    return out
 
 
 def bench_attention(dev, dt, tiny):
@@ -91,6 +98,7 @@ def bench_attention(dev, dt, tiny):
                                                [("sdpa-cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION)),
                                                 ("sdpa-flash", _sdpa(SDPBackend.FLASH_ATTENTION))])
     print(f"attention speed ({dt}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu interpreter'})")
+    out = []
     for name, B, H, Lq, Lk, D in shapes:
         q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=dt, requires_grad=True) for L in (Lq, Lk, Lk))
         flops = 4 * B * H * Lq * Lk * D
@@ -106,8 +114,10 @@ def bench_attention(dev, dt, tiny):
                 continue
             print(f"  {name:16s} {impl:11s} fwd {ms_f:9.2f} ms {flops / ms_f / 1e9:7.1f} TFLOP/s   "
                   f"bwd {ms_b:9.2f} ms {2.5 * flops / ms_b / 1e9:7.1f} TFLOP/s")
+            out.append(dict(shape=name, impl=impl, fwd_tflops=flops / ms_f / 1e9, bwd_tflops=2.5 * flops / ms_b / 1e9))
             del o, do
         del q, k, v
+    return out
 
 
 def bench_fused(dev, tiny):
@@ -116,6 +126,7 @@ def bench_fused(dev, tiny):
     _, N, R = _kernels()
     D, H = (64, 4) if tiny else (5120, 40)
     print(f"fused ops bandwidth (D={D}; copy = clone() moving the same bytes)")
+    out = []
     for L in ((16,) if tiny else (32760, 75600)):
         x32 = torch.randn(1, L, D, device=dev, requires_grad=True)
         xb = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -141,7 +152,9 @@ def bench_fused(dev, tiny):
                 ms_c = timer(lambda: buf.clone())
                 line.append(f"{tag} {nbytes / ms / 1e6:7.0f} GB/s (copy {nbytes / ms_c / 1e6:7.0f}, "
                             f"{ms_c / ms:4.0%} of it)")
+                out.append(dict(op=name, L=L, dir=tag, gbps=nbytes / ms / 1e6, copy_gbps=nbytes / ms_c / 1e6))
             print(f"  L={L:6d} {name:24s} " + "   ".join(line))
+    return out
 
 
 def dit_latency(dev, tiny):
@@ -159,6 +172,7 @@ def dit_latency(dev, tiny):
         ms = timer(lambda: m(x, t, ctx, clip, y))
     print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {F_ * H * W // 4} tokens, {dt}: {ms:.1f} ms per NFE; "
           f"1 step (1 NFE) {ms / 1e3:.2f} s vs 50 steps with CFG (100 NFE, from the per-NFE time) {ms / 10:.1f} s")
+    return dict(tokens=F_ * H * W // 4, forward_ms=ms)
 
 
 def kernels_bench(tiny):
@@ -167,10 +181,8 @@ def kernels_bench(tiny):
     if dev == "cpu" and not (tiny and os.environ.get("TRITON_INTERPRET") == "1"):
         raise SystemExit("bench.py kernels needs a CUDA GPU; --tiny runs it on CPU under the Triton interpreter")
     dt = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
-    check_attention(dev, dt, tiny)
-    bench_attention(dev, dt, tiny)
-    bench_fused(dev, tiny)
-    dit_latency(dev, tiny)
+    return dict(attention_check=check_attention(dev, dt, tiny), attention_speed=bench_attention(dev, dt, tiny),
+                fused_ops=bench_fused(dev, tiny), dit_forward=dit_latency(dev, tiny))
 
 
 # -----------------------------------------------------------------------------
@@ -297,6 +309,121 @@ def compile_report(full):
         print(line)
     bad = [r for r in rows if r["spill_st"] or r["spill_ld"] or r["smem"] > r["smem_max"]]
     print(f"{len(bad)} of {len(rows)} builds spill registers or overflow shared memory")
+
+
+def dit_memory(dev, tiny):
+    """A few DiT blocks at 14B width, 480p x 81 frames, bf16: forward + backward with per-block checkpointing. The
+    measured peak beside MemTracker's prediction on fake tensors of the same run (which takes the PyTorch path of
+    the kernels: fake tensors cannot launch Triton)."""
+    from dataclasses import replace
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    import kernels
+    from model import PRESETS, WanConfig, WanModel
+    cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else \
+        replace(PRESETS["i2v-14B"], num_layers=4)
+    F_, H, W = (2, 4, 4) if tiny else (21, 60, 104)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+
+    def step():
+        with torch.device(dev):
+            m = WanModel(cfg).to(dt)
+            m.grad_ckpt = True
+            x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
+            ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
+        m(x, torch.tensor([999], device=dev), ctx, clip, y).square().mean().backward()
+
+    mode, kernels.MODE = kernels.MODE, "torch"
+    try:
+        with FakeTensorMode(), MemTracker() as mt:
+            step()
+    finally:
+        kernels.MODE = mode
+    (pred,) = mt.get_tracker_snapshot("peak").values()
+    res = dict(blocks=cfg.num_layers, tokens=F_ * H * W // 4, tracked_peak_gib=pred["Total"] / 2**30)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        res |= dict(measured_peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_bwd_s=time.perf_counter() - t0)
+    print(f"DiT forward + backward, {res['blocks']} blocks, {res['tokens']} tokens, checkpointing, {dt}: " +
+          ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    return res
+
+
+def tiny_run_files(root, model_type="t2v", dim=64, heads=4, layers=2, frames=9, size="64*64", clips=4):
+    """A random official-layout checkpoint and a precomputed latents folder of random clips, for distill.py."""
+    from safetensors.torch import save_file
+    from model import WanConfig, WanModel
+    conf = dict(model_type=model_type, dim=dim, ffn_dim=4 * dim, num_heads=heads, num_layers=layers, text_len=64,
+                in_dim=16 if model_type == "t2v" else 36)
+    ckpt, lat = os.path.join(root, "ckpt"), os.path.join(root, "latents")
+    os.makedirs(ckpt), os.makedirs(lat)
+    save_file({k: v.contiguous() for k, v in WanModel(WanConfig(**conf)).state_dict().items()},
+              os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(conf, f)
+    W, H = map(int, size.split("*"))
+    shape = (16, (frames - 1) // 4 + 1, H // 8, W // 8)
+    cl = [{"id": f"{i:06d}", "shard": "shard_00000.safetensors", "caption": "x", "file": f"{i}.mp4"} for i in range(clips)]
+    save_file({f"{c['id']}.{k}": torch.randn(*s) for c in cl for k, s in (("latent", shape), ("context", (20, 4096)))},
+              os.path.join(lat, "shard_00000.safetensors"))
+    save_file({"context": torch.randn(20, 4096)}, os.path.join(lat, "neg_context.safetensors"))
+    with open(os.path.join(lat, "manifest.json"), "w") as f:
+        json.dump({"model_type": model_type, "frames": frames, "size": size, "clips": cl, "skipped": {}}, f)
+    return ckpt, lat
+
+
+def distill_run(root):
+    """A few real distill.py steps (both phases, a checkpoint, the export) in this process: NCCL on a GPU, world 1."""
+    import distill
+    ckpt, lat = tiny_run_files(root)
+    out = os.path.join(root, "run")
+    t0 = time.perf_counter()
+    distill.main([f"--teacher={ckpt}", f"--data={lat}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
+                  "--batch_size=1", "--log_every=1"])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert all(math.isfinite(v) for r in log for v in r.values()), "a non-finite loss"
+    res = dict(steps=len(log), wall_s=time.perf_counter() - t0, step_s=[r["step_s"] for r in log],
+               peak_mem_gib=max(r["peak_mem_gib"] for r in log), exported=os.path.isfile(os.path.join(out, "student.safetensors")))
+    print(f"distill.py, tiny checkpoint, world 1: {res}")
+    return res
+
+
+def sample_run(root, tiny):
+    """The README's one-step sample on the bundled demo (tiny weights), at 832x480 x 81 frames on a GPU: stage times."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "sample.py"), "--image", os.path.join(here, "assets", "example.png"),
+           "--out", os.path.join(root, "sample.mp4")] + ([] if tiny else ["--size=832*480", "--frames=81"])
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if r.returncode:
+        raise SystemExit(f"sample.py failed:\n{r.stderr[-3000:]}")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("time: "))
+    times = {k: float(v.rstrip("s")) for k, v in (part.split() for part in line[6:].split(" | "))}
+    res = dict(stage_s=times, without_vae_decode_s=times["total"] - times.get("VAE", 0))
+    print(f"sample.py one step, demo weights: {res}")
+    return res
+
+
+def gpu(a):
+    """One call on one GPU (at most 8 minutes on an H100/H200): every part below, and a JSON summary in --out."""
+    import tempfile
+    t0 = time.perf_counter()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    root = tempfile.mkdtemp(prefix="vpae-gpu-")
+    res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)", torch=torch.__version__)
+    res |= kernels_bench(a.tiny)  # checks the device first
+    for name, fn in (("dit_train_memory", lambda: dit_memory(dev, a.tiny)), ("distill", lambda: distill_run(root)),
+                     ("sample", lambda: sample_run(root, a.tiny))):
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        res[name] = fn()
+    res["total_s"] = time.perf_counter() - t0
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"bench.py gpu: {res['total_s']:.0f} s, summary in {a.out}")
 
 
 def rss_peak():
@@ -607,7 +734,7 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory", "kernels", "compile"])
+    p.add_argument("what", choices=["dit", "load", "memory", "kernels", "compile", "gpu"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
@@ -626,6 +753,7 @@ if __name__ == "__main__":
     p.add_argument("--sp", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
     p.add_argument("--tiny", action="store_true", help="kernels: tiny sizes on CPU under the Triton interpreter")
+    p.add_argument("--out", default="gpu_summary.json", help="gpu: where the JSON summary goes")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
@@ -638,9 +766,9 @@ if __name__ == "__main__":
         memory(a)
     elif a.what == "compile":
         compile_report(not a.tiny)
-    elif a.what == "kernels":
+    elif a.what in ("kernels", "gpu"):
         if a.tiny:
             os.environ["TRITON_INTERPRET"] = "1"  # before kernels (and triton) are imported
-        kernels_bench(a.tiny)
+        kernels_bench(a.tiny) if a.what == "kernels" else gpu(a)
     else:
         dit_child(a) if a.child else dit(a)
