@@ -636,8 +636,9 @@ def memory(a):
     if a.child:
         return memory_child(a)
     print("per-GPU memory of distill.py's steps from PyTorch's FSDPMemTracker "
-          "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group; "
-          "FLOPs from torch.utils.flop_counter.FlopCounterMode in the same pass")
+          "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group: the tensors "
+          "alone, without the CUDA context, NCCL buffers or allocator fragmentation; FLOPs from "
+          "torch.utils.flop_counter.FlopCounterMode in the same pass")
     t0 = time.perf_counter()
     cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp)]
     procs = [subprocess.Popen(_case_args(*c, "cuda", a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1964,3 +1964,18 @@ def test_memory_tracker_sees_distill_models_and_steps():
         assert r["peak"]["OptState"] == pytest.approx(moments, rel=0.01)
         assert r["peak"]["Total"] > r["start"]
     assert rows[2]["flops"] > rows[3]["flops"]  # the G step runs the generator, backbone and teacher, and backward
+
+
+def test_gpu_acceptance_run_tiny(tmp_path):
+    """bench.py gpu --tiny: the whole GPU acceptance run at tiny sizes on CPU (interpreted), one call, its JSON."""
+    pytest.importorskip("triton")
+    out = tmp_path / "summary.json"
+    r = subprocess.run([sys.executable, "bench.py", "gpu", "--tiny", f"--out={out}"], cwd=HERE, capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    for key in ("attention_check", "attention_speed", "fused_ops", "dit_forward", "dit_train_memory", "distill", "sample"):
+        assert s[key], key
+    assert s["distill"]["steps"] == 4 and s["distill"]["exported"]
+    assert s["dit_train_memory"]["tracked_peak_gib"] > 0 and "DiT" in s["sample"]["stage_s"]
+    assert 0 < s["sample"]["without_vae_decode_s"] < s["sample"]["stage_s"]["total"]
