@@ -500,8 +500,8 @@ def distill_steps(mc, cfg, device, mesh, sp_group, frames, size):
     W, H = map(int, size.split("*"))
     lat = (1, 16, (frames - 1) // 4 + 1, H // 8, W // 8)
     clip = {} if mc.model_type == "t2v" else {"y": torch.randn(1, 20, *lat[2:]), "clip": torch.randn(1, 257, mc.clip_dim)}
-    batch = distill.prepare({"latent": torch.randn(lat), "context": torch.randn(1, 30, mc.text_dim), **clip},
-                            torch.randn(20, mc.text_dim), mc.text_len, "cpu")
+    batch = distill.prepare({"latent": torch.randn(lat), "context": torch.randn(1, mc.text_len, mc.text_dim), **clip},
+                            torch.randn(mc.text_len, mc.text_dim), mc.text_len, "cpu")  # contexts as padded
     rng = torch.Generator().manual_seed(0)
 
     def step(*names):  # distill.main's opt_step without the grad-norm bookkeeping
