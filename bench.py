@@ -525,9 +525,10 @@ def flop_counter():
     """FlopCounterMode, also counting the CPU SDPA op (its formula is the GPU ops' one) that fake tensors run."""
     from torch.utils import flop_counter as fcm
     aten = torch.ops.aten
-    fcm.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(fcm.sdpa_flop)
-    fcm.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(
-        fcm.sdpa_backward_flop)
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, fcm.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, fcm.sdpa_backward_flop)):
+        if op not in fcm.flop_registry:  # a second registration raises
+            fcm.register_flop_formula(op, get_raw=True)(formula)
     return fcm.FlopCounterMode(display=False)
 
 
