@@ -417,30 +417,6 @@ def prepare(batch, neg, text_len, device):
             "neg": {"context": pad(neg)[None].expand(B, -1, -1).to(device)}}
 
 
-def memory_estimate(cfg, m, world, tokens):
-    """(what, bytes per GPU) rows: the sharded states, and the activations of one micro-batch. Printed, not enforced."""
-    numel = lambda mod: sum(p.numel() for p in mod.parameters())
-    P, H, layers, D = numel(m.gen), numel(m.disc), m.gen.cfg.num_layers, m.gen.cfg.dim
-    lora = sum(p.numel() for n, p in m.teacher.named_parameters() if ".lora." in n)
-    L = cfg.micro_batch * -(-tokens // cfg.sp)  # tokens per rank
-    rows = [("generator fp32 params + fp32 grads", 8 * P / world), ("generator Adam (2 fp32 moments)", 8 * P / world),
-            ("EMA fp32", 4 * P / world), ("teacher fp32 (computes in bf16)", 4 * (P + lora) / world),
-            ("LoRA + heads, with grads and Adam", 16 * (lora + H) / world)]
-    if cfg.disc_backbone == "live":
-        rows.append(("live backbone copy fp32", 4 * P / world))
-    rows += [("FSDP: 2 unsharded blocks in bf16", 2 * 2 * (P / layers)),
-             # checkpointing keeps each block's fp32 input; Phase II's G step backprops through G and the backbone
-             ("activations: block inputs of 2 passes", 2 * layers * L * D * 4),
-             ("activations: one block recomputed (bf16)", L * (12 * D + 3 * m.gen.cfg.ffn_dim) * 2),
-             ("tapped hidden states, gathered (fp32)", len(m.disc.taps) * cfg.micro_batch * tokens * D * 4)]
-    return rows
-
-
-def print_memory(rows):
-    for name, b in rows + [("total", sum(b for _, b in rows))]:
-        print(f"  memory per GPU  {name:42s} {b / 2**30:8.2f} GiB")
-
-
 # -----------------------------------------------------------------------------
 # checkpoints: torch.distributed.checkpoint into ckpt_<step>.tmp, renamed once complete
 
@@ -626,7 +602,6 @@ def main(argv, launch=None):
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         print(f"world {world} = {dp} data-parallel x {cfg.sp} sequence-parallel; {accum} micro-batches of "
               f"{cfg.micro_batch} per step; {tokens} tokens per clip; {len(dataset)} clips")
-        print_memory(memory_estimate(cfg, m, world, tokens))
 
     # Materialise every Adam state now (get_state_dict does it with a zero-lr step) and reset its step count,
     # so a fresh run and a resumed one hold the same state whenever a checkpoint happens to be taken.
