@@ -4,14 +4,20 @@
       DiT forward time and peak memory, vpae beside diffusers' WanTransformer3DModel when it is installed
       (same config, random weights, fp32 on CPU / bf16 on GPU), each in its own process, alternating.
   python bench.py memory [--preset i2v-14B --world 8 --sp 8 --frames 81 --size 832*480]
-      distill.py's per-GPU memory estimate for a preset, from models built on the meta device.
-  python bench.py train-memory [--dim 768 --heads 6 --layers 8 --frames 9 --size 256*256]
-      Runs distill.py on 2 CPU ranks (gloo) on a random checkpoint of that size and random latents, and prints
-      the peak RSS per rank it logs beside the estimate it printed at start.
+      Per-GPU peak of each kind of distill.py step (Models, shard, the step functions) from PyTorch's FSDPMemTracker
+      on fake tensors, by category, and the fewest 80 GB / 141 GB GPUs; first checked against a measured 2-rank
+      gloo run at small size. Without --preset: I2V-14B at 480p and 720p (world 8, sp 8) and T2V-1.3B (world 1).
+  python bench.py compile [--tiny]
+      Every Triton kernel and autotune config built for sm_90a and sm_80 (no GPU needed): registers, spills,
+      shared memory, wgmma. --tiny: only the self-attention and fused-op shapes (what the test builds).
   python bench.py kernels [--tiny]
       On a GPU: bf16 attention fwd/bwd checked against fp64 beside SDPA's own bf16 error; attention TFLOP/s at
       Wan shapes beside SDPA cuDNN and flash; GB/s of the fused norm ops against a copy of the same bytes; one
       DiT forward at 14B width, 480p x 81 frames. --tiny: the same code at tiny sizes on CPU, interpreted.
+  python bench.py gpu [--out gpu_summary.json] [--tiny]
+      The GPU acceptance run, one call: the kernels as above, a 4-block 14B-width DiT forward + backward with its
+      memory beside MemTracker's prediction, a few distill.py steps on a tiny checkpoint (world 1) and a one-step
+      sample.py on the bundled demo at 832x480 x 81 frames with stage times; a JSON summary.
   python bench.py load CKPT_DIR
       Peak RSS while loading an official checkpoint and touching every weight, against its size.
 """
@@ -60,6 +66,7 @@ def check_attention(dev, dt, tiny):
         [(2, 8, 1000, 1000, 128, [1000, 613]), (2, 8, 1000, 257, 128, None), (1, 16, 257, 257, 80, None),
          (2, 4, 777, 512, 64, [512, 100])]
     print(f"attention correctness ({dt}, error vs fp64; 'sdpa' = PyTorch SDPA in the same dtype)")
+    out = []
     for B, H, Lq, Lk, D, kl in cases:
         g = torch.Generator(device=dev).manual_seed(0)
         qkv = [torch.randn(B, L, H, D, generator=g, device=dev) for L in (Lq, Lk, Lk)]
@@ -76,6 +83,8 @@ def check_attention(dev, dt, tiny):
             f"{n} o/dq/dk/dv " + "/".join(f"{e:.1e}" for e in err[n]) for n in err))
         for et, es in zip(err["triton"], err["sdpa"]):
             assert math.isfinite(et) and et <= 2 * (es if math.isfinite(es) else 0) + 1e-2, "less accurate than SDPA"
+        out.append(dict(B=B, H=H, Lq=Lq, Lk=Lk, D=D, k_lens=kl, **{f"{n}_err_o_dq_dk_dv": err[n] for n in err}))
+    return out
 
 
 def bench_attention(dev, dt, tiny):
@@ -89,6 +98,7 @@ def bench_attention(dev, dt, tiny):
                                                [("sdpa-cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION)),
                                                 ("sdpa-flash", _sdpa(SDPBackend.FLASH_ATTENTION))])
     print(f"attention speed ({dt}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu interpreter'})")
+    out = []
     for name, B, H, Lq, Lk, D in shapes:
         q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=dt, requires_grad=True) for L in (Lq, Lk, Lk))
         flops = 4 * B * H * Lq * Lk * D
@@ -104,8 +114,10 @@ def bench_attention(dev, dt, tiny):
                 continue
             print(f"  {name:16s} {impl:11s} fwd {ms_f:9.2f} ms {flops / ms_f / 1e9:7.1f} TFLOP/s   "
                   f"bwd {ms_b:9.2f} ms {2.5 * flops / ms_b / 1e9:7.1f} TFLOP/s")
+            out.append(dict(shape=name, impl=impl, fwd_tflops=flops / ms_f / 1e9, bwd_tflops=2.5 * flops / ms_b / 1e9))
             del o, do
         del q, k, v
+    return out
 
 
 def bench_fused(dev, tiny):
@@ -114,6 +126,7 @@ def bench_fused(dev, tiny):
     _, N, R = _kernels()
     D, H = (64, 4) if tiny else (5120, 40)
     print(f"fused ops bandwidth (D={D}; copy = clone() moving the same bytes)")
+    out = []
     for L in ((16,) if tiny else (32760, 75600)):
         x32 = torch.randn(1, L, D, device=dev, requires_grad=True)
         xb = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -139,7 +152,9 @@ def bench_fused(dev, tiny):
                 ms_c = timer(lambda: buf.clone())
                 line.append(f"{tag} {nbytes / ms / 1e6:7.0f} GB/s (copy {nbytes / ms_c / 1e6:7.0f}, "
                             f"{ms_c / ms:4.0%} of it)")
+                out.append(dict(op=name, L=L, dir=tag, gbps=nbytes / ms / 1e6, copy_gbps=nbytes / ms_c / 1e6))
             print(f"  L={L:6d} {name:24s} " + "   ".join(line))
+    return out
 
 
 def dit_latency(dev, tiny):
@@ -157,6 +172,7 @@ def dit_latency(dev, tiny):
         ms = timer(lambda: m(x, t, ctx, clip, y))
     print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {F_ * H * W // 4} tokens, {dt}: {ms:.1f} ms per NFE; "
           f"1 step (1 NFE) {ms / 1e3:.2f} s vs 50 steps with CFG (100 NFE, from the per-NFE time) {ms / 10:.1f} s")
+    return dict(tokens=F_ * H * W // 4, forward_ms=ms)
 
 
 def kernels_bench(tiny):
@@ -165,10 +181,249 @@ def kernels_bench(tiny):
     if dev == "cpu" and not (tiny and os.environ.get("TRITON_INTERPRET") == "1"):
         raise SystemExit("bench.py kernels needs a CUDA GPU; --tiny runs it on CPU under the Triton interpreter")
     dt = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
-    check_attention(dev, dt, tiny)
-    bench_attention(dev, dt, tiny)
-    bench_fused(dev, tiny)
-    dit_latency(dev, tiny)
+    return dict(attention_check=check_attention(dev, dt, tiny), attention_speed=bench_attention(dev, dt, tiny),
+                fused_ops=bench_fused(dev, tiny), dit_forward=dit_latency(dev, tiny))
+
+
+# -----------------------------------------------------------------------------
+# compile: every Triton kernel and autotune config built ahead of time for Hopper and Ampere, no GPU needed
+
+ARCHS = {"sm_90a": (90, 232448), "sm_80": (80, 166912)}  # capability, shared memory a block may use (bytes)
+
+
+def compile_cases(full=True):
+    """The kernel launches of one Wan-14B block at 480p x 81 (32,760 tokens, 40 heads of 128, width 5120, bf16),
+    as (name, function that makes them) on meta tensors; `full` adds the cross-attention and head-dim-80 cases."""
+    A, N, R = _kernels()
+    L, H, D, Wd = 32760, 40, 128, 5120
+
+    def attn(Lq, Lk, h, d, k_lens):
+        def run():
+            q = torch.empty(1, Lq, h, d, device="meta", dtype=torch.bfloat16)
+            k = torch.empty(1, Lk, h, d, device="meta", dtype=torch.bfloat16)
+            kl = torch.full((1,), Lk, device="meta", dtype=torch.int32) if k_lens else None
+            o, lse = A._flash_fwd(q, k, k, kl)
+            A._flash_bwd(o, q, k, k, o, lse, kl)
+        return run
+
+    def fused(rope):
+        def run():
+            x = torch.empty(1, L, Wd, device="meta", requires_grad=True)
+            e = torch.empty(1, 1, Wd, device="meta", requires_grad=True)
+            N.ln_modulate(x, e, e, 1e-6, torch.bfloat16).backward(torch.empty(1, L, Wd, device="meta", dtype=torch.bfloat16))
+            xb = torch.empty(1, L, Wd, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            cs = torch.empty(L, D // 2, device="meta") if rope else None
+            y = R.qk_norm_rope(xb, torch.empty(Wd, device="meta", dtype=torch.bfloat16), H, 1e-6, cs, cs)
+            y.backward(torch.empty_like(y))
+        return run
+
+    cases = [("self-attn sp k_lens", attn(L, L, H, D, True)), ("fused ops w5120", fused(True))]
+    return cases + [("self-attn", attn(L, L, H, D, False)), ("cross text 512", attn(L, 512, H, D, False)),
+                    ("cross image 257", attn(L, 257, H, D, False)), ("head dim 80", attn(257, 257, 16, 80, False)),
+                    ("fused ops no rope", fused(False))] * full
+
+
+def _launches(run):
+    """The Triton launches `run` makes, recorded instead of run: [(kernel, args, kwargs)]."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    ks = [k for m in _kernels() for k in vars(m).values() if isinstance(k, (Autotuner, JITFunction))]
+    calls = []
+    for k in ks:
+        k.run = lambda *a, grid, warmup, _k=k, **kw: calls.append((_k, a, kw))
+    try:
+        run()
+    finally:
+        for k in ks:
+            del k.run
+    return calls
+
+
+def _build(fn, args, kwargs, arch):
+    """One launch built to cubin for `arch` as triton's launcher would specialize it: (cache key, ptxas's report)."""
+    import contextlib
+    import io
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    cap, smem_max = ARCHS[arch]
+    target = GPUTarget("cuda", cap, 32)
+    backend = make_backend(target)
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # ptxas's -v report, printed when dump_ptxas_log is on
+        out = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+    num = lambda pat: sum(int(n) for n in re.findall(pat, log.getvalue()))  # noqa: E731
+    ptx = out.asm["ptx"]
+    return dict(regs=num(r"Used (\d+) registers"), spill_st=num(r"(\d+) bytes spill stores"),
+                spill_ld=num(r"(\d+) bytes spill loads"), smem=out.metadata.shared, smem_max=smem_max,
+                mma="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-")
+
+
+def compile_table(cases, archs=tuple(ARCHS)):
+    """Every distinct (kernel, specialization, autotune config, arch) among the cases' launches, built to cubin
+    with what ptxas reports: one dict per build."""
+    import triton
+    rows, seen = [], set()
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
+        triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True  # ptxas runs, talks
+        for case, run in cases:
+            for k, args, kw in _launches(run):
+                fn = k.fn if hasattr(k, "configs") else k  # an Autotuner wraps the JITFunction; a kernel per config
+                for c in [c.all_kwargs() for c in k.configs] if hasattr(k, "configs") else [{}]:
+                    kwargs = {**kw, **c}
+                    name = f"{fn.__module__.split('.')[-1]}.{fn.__name__}"
+                    config = (f"{c['BLOCK_M']}x{c['BLOCK_N']} " if c else "") + \
+                        f"w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"  # triton's defaults: 4, 3
+                    key = (name, config, repr([a for a in args if not isinstance(a, torch.Tensor)]), repr(kw))
+                    for arch in archs:
+                        if (key, arch) not in seen:
+                            seen.add((key, arch))
+                            t0 = time.perf_counter()
+                            r = _build(fn, args, kwargs, arch)
+                            rows.append(dict(case=case, kernel=name, config=config, arch=arch,
+                                             s=time.perf_counter() - t0, **r))
+    return rows
+
+
+def compile_report(full):
+    """One line per kernel and config, the worst over the cases (shapes, k_lens or not) for each arch."""
+    cases = compile_cases(full)
+    t0 = time.perf_counter()
+    rows = compile_table(cases)
+    print(f"Triton kernels built ahead of time for sm_90a and sm_80 with the ptxas in the triton wheel (no GPU), "
+          f"{len(rows)} builds in {time.perf_counter() - t0:.0f} s, each the worst over: {', '.join(c for c, _ in cases)}")
+    print(f"{'kernel':28s} {'config':13s}" + "".join(f" | {a:6s} regs spill(st/ld B) smem KiB (max) mma" for a in ARCHS))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["config"]), {}).setdefault(r["arch"], []).append(r)
+    for (kernel, config), by_arch in groups.items():
+        line = f"{kernel:28s} {config:13s}"
+        for arch, rs in by_arch.items():
+            w = lambda k: max(r[k] for r in rs)  # noqa: E731
+            line += f" | {arch:6s} {w('regs'):4d} {w('spill_st'):6d}/{w('spill_ld'):<6d} {w('smem') / 1024:8.0f} " \
+                    f"({rs[0]['smem_max'] // 1024}) {'/'.join(sorted({r['mma'] for r in rs})):5s}"
+        print(line)
+    bad = [r for r in rows if r["spill_st"] or r["spill_ld"] or r["smem"] > r["smem_max"]]
+    print(f"{len(bad)} of {len(rows)} builds spill registers or overflow shared memory")
+
+
+def dit_memory(dev, tiny):
+    """A few DiT blocks at 14B width, 480p x 81 frames, bf16: forward + backward with per-block checkpointing. The
+    measured peak beside MemTracker's prediction on fake tensors of the same run (which takes the PyTorch path of
+    the kernels: fake tensors cannot launch Triton)."""
+    from dataclasses import replace
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    import kernels
+    from model import PRESETS, WanConfig, WanModel
+    cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else \
+        replace(PRESETS["i2v-14B"], num_layers=4)
+    F_, H, W = (2, 4, 4) if tiny else (21, 60, 104)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+
+    def step():
+        with torch.device(dev):
+            m = WanModel(cfg).to(dt)
+            m.grad_ckpt = True
+            x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
+            ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
+        m(x, torch.tensor([999], device=dev), ctx, clip, y).square().mean().backward()
+
+    mode, kernels.MODE = kernels.MODE, "torch"
+    try:
+        with FakeTensorMode(), MemTracker() as mt:
+            step()
+    finally:
+        kernels.MODE = mode
+    pred = max(v["Total"] for v in mt.get_tracker_snapshot("peak").values())  # the device's (a few bytes on CPU)
+    res = dict(blocks=cfg.num_layers, tokens=F_ * H * W // 4, tracked_peak_gib=pred / 2**30)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        res |= dict(measured_peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_bwd_s=time.perf_counter() - t0)
+    print(f"DiT forward + backward, {res['blocks']} blocks, {res['tokens']} tokens, checkpointing, {dt}: " +
+          ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    return res
+
+
+def tiny_run_files(root, model_type="t2v", dim=64, heads=4, layers=2, frames=9, size="64*64", clips=4):
+    """A random official-layout checkpoint and a precomputed latents folder of random clips, for distill.py."""
+    from safetensors.torch import save_file
+    from model import WanConfig, WanModel
+    conf = dict(model_type=model_type, dim=dim, ffn_dim=4 * dim, num_heads=heads, num_layers=layers, text_len=64,
+                in_dim=16 if model_type == "t2v" else 36)
+    ckpt, lat = os.path.join(root, "ckpt"), os.path.join(root, "latents")
+    os.makedirs(ckpt), os.makedirs(lat)
+    save_file({k: v.contiguous() for k, v in WanModel(WanConfig(**conf)).state_dict().items()},
+              os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(conf, f)
+    W, H = map(int, size.split("*"))
+    shape = (16, (frames - 1) // 4 + 1, H // 8, W // 8)
+    cl = [{"id": f"{i:06d}", "shard": "shard_00000.safetensors", "caption": "x", "file": f"{i}.mp4"} for i in range(clips)]
+    save_file({f"{c['id']}.{k}": torch.randn(*s) for c in cl for k, s in (("latent", shape), ("context", (20, 4096)))},
+              os.path.join(lat, "shard_00000.safetensors"))
+    save_file({"context": torch.randn(20, 4096)}, os.path.join(lat, "neg_context.safetensors"))
+    with open(os.path.join(lat, "manifest.json"), "w") as f:
+        json.dump({"model_type": model_type, "frames": frames, "size": size, "clips": cl, "skipped": {}}, f)
+    return ckpt, lat
+
+
+def distill_run(root):
+    """A few real distill.py steps (both phases, a checkpoint, the export) in this process: NCCL on a GPU, world 1."""
+    import distill
+    ckpt, lat = tiny_run_files(root)
+    out = os.path.join(root, "run")
+    t0 = time.perf_counter()
+    distill.main([f"--teacher={ckpt}", f"--data={lat}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
+                  "--batch_size=1", "--log_every=1"])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert all(math.isfinite(v) for r in log for v in r.values()), "a non-finite loss"
+    res = dict(steps=len(log), wall_s=time.perf_counter() - t0, step_s=[r["step_s"] for r in log],
+               peak_mem_gib=max(r["peak_mem_gib"] for r in log), exported=os.path.isfile(os.path.join(out, "student.safetensors")))
+    print(f"distill.py, tiny checkpoint, world 1: {res}")
+    return res
+
+
+def sample_run(root, tiny):
+    """The README's one-step sample on the bundled demo (tiny weights), at 832x480 x 81 frames on a GPU: stage times."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "sample.py"), "--image", os.path.join(here, "assets", "example.png"),
+           "--out", os.path.join(root, "sample.mp4")] + ([] if tiny else ["--size=832*480", "--frames=81"])
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if r.returncode:
+        raise SystemExit(f"sample.py failed:\n{r.stderr[-3000:]}")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("time: "))
+    times = {k: float(v.rstrip("s")) for k, v in (part.split() for part in line[6:].split(" | "))}
+    res = dict(stage_s=times, without_vae_decode_s=times["total"] - times.get("VAE", 0))
+    print(f"sample.py one step, demo weights: {res}")
+    return res
+
+
+def gpu(a):
+    """One call on one GPU (at most 8 minutes on an H100/H200): every part below, and a JSON summary in --out."""
+    import tempfile
+    t0 = time.perf_counter()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    root = tempfile.mkdtemp(prefix="vpae-gpu-")
+    res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)", torch=torch.__version__)
+    res |= kernels_bench(a.tiny)  # checks the device first
+    for name, fn in (("dit_train_memory", lambda: dit_memory(dev, a.tiny)), ("distill", lambda: distill_run(root)),
+                     ("sample", lambda: sample_run(root, a.tiny))):
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        res[name] = fn()
+    res["total_s"] = time.perf_counter() - t0
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"bench.py gpu: {res['total_s']:.0f} s, summary in {a.out}")
 
 
 def rss_peak():
@@ -188,55 +443,232 @@ def load(ckpt, dtype=None):
           f"peak/size={peak / size:.3f}, dtype {dtype or 'as stored'} (checksum {touched:.3e})")
 
 
+# -----------------------------------------------------------------------------
+# memory: PyTorch's FSDPMemTracker on fake tensors, through distill.py's own Models, shard and step functions
+
+CASES = [("i2v-14B", "832*480", 81, 8, 8), ("i2v-14B", "1280*720", 81, 8, 8), ("t2v-1.3B", "832*480", 81, 1, 1)]
+CATEGORIES = ["Sharded Param", "Sharded Grad", "OptState", "Unsharded Param", "Unsharded Grad", "All Gather",
+              "Reduce Scatter", "Activation", "Temp", "Inputs", "Buffer"]
+SHARDED = ("Sharded Param", "Sharded Grad", "OptState")  # what FSDP divides by the world size
+
+
+def _tracker(roots, opts):
+    """FSDPMemTracker over several FSDP roots and optimizers (it takes one of each), where a model may run more
+    than once per step (the teacher does: CFG, then the fake score)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class Tracker(FSDPMemTracker):
+        def _fsdp_state_pre_forward(self, fsdp_mod, orig):
+            inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+            def pre(*args, **kwargs):  # a root's second forward in one step is refused: forget its module stats
+                if any(fsdp_mod is r for r in roots) and not self._mod_tracker.is_bw:
+                    self.memory_tracking.pop(fsdp_mod, None)
+                return inner(*args, **kwargs)
+            return pre
+
+        def _instrument_optimizer(self):
+            handles = []
+            for self._optm in opts:
+                super()._instrument_optimizer()
+                handles += self._optimizer_hook_handles
+            self._optimizer_hook_handles = handles
+
+    t = Tracker(roots[0])
+    t._root_mod = torch.nn.ModuleList(roots)
+    return t
+
+
+def distill_steps(mc, cfg, device, mesh, sp_group, frames, size):
+    """distill.Models built from the model config mc instead of a checkpoint, its three optimizers with their Adam
+    state materialised (distill.main does that before step 1), a batch, and distill.main's three kinds of step."""
+    from unittest import mock
+    import distill
+    from model import WanModel
+    with mock.patch.object(distill.WanModel, "from_pretrained", lambda *a, **k: WanModel(mc)), \
+            mock.patch("torch.distributed.device_mesh.init_device_mesh", lambda *a, **k: mesh):
+        m = distill.Models(cfg, device, sp_group)
+    # foreach=False: with foreach the tracker inflates the step (the issue's pitfall); a GPU would use foreach
+    opts = {"gen": torch.optim.Adam(m.gen.parameters(), lr=cfg.lr_phase1, foreach=False),
+            "fake": torch.optim.Adam([p for p in m.teacher.parameters() if p.requires_grad], lr=cfg.lr_fake, foreach=False),
+            "disc": torch.optim.Adam(m.disc.parameters(), lr=cfg.lr_disc, betas=(cfg.beta1, cfg.beta2), foreach=False)}
+    for o in opts.values():
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.zeros_like(p)
+        o.step()
+        o.zero_grad(set_to_none=True)
+    W, H = map(int, size.split("*"))
+    lat = (1, 16, (frames - 1) // 4 + 1, H // 8, W // 8)
+    clip = {} if mc.model_type == "t2v" else {"y": torch.randn(1, 20, *lat[2:]), "clip": torch.randn(1, 257, mc.clip_dim)}
+    batch = distill.prepare({"latent": torch.randn(lat), "context": torch.randn(1, mc.text_len, mc.text_dim), **clip},
+                            torch.randn(mc.text_len, mc.text_dim), mc.text_len, "cpu")  # contexts as padded
+    rng = torch.Generator().manual_seed(0)
+
+    def step(*names):  # distill.main's opt_step without the grad-norm bookkeeping
+        for n in names:
+            opts[n].step()
+            opts[n].zero_grad(set_to_none=True)
+    steps = {"Phase I: generator + fake-score step": lambda: (distill.phase1_step(cfg, m, batch, rng), step("gen", "fake")),
+             "Phase II: D step": lambda: (distill.phase2_d_step(cfg, m, batch, rng), step("disc")),
+             "Phase II: G step": lambda: (distill.phase2_g_step(cfg, m, batch, rng), step("disc", "gen"),
+                                          distill.ema_update(m.ema, m.gen, cfg.ema))}
+    return m, opts, batch, steps
+
+
+def _model_cfg(a):
+    from model import PRESETS, WanConfig
+    return PRESETS[a.preset] if a.preset != "custom" else \
+        WanConfig("t2v", dim=a.dim, ffn_dim=a.ffn, num_heads=a.heads, num_layers=a.layers, text_dim=256, text_len=64)
+
+
+def flop_counter():
+    """FlopCounterMode, also counting the CPU SDPA op (its formula is the GPU ops' one) that fake tensors run."""
+    from torch.utils import flop_counter as fcm
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, fcm.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, fcm.sdpa_backward_flop)):
+        if op not in fcm.flop_registry:  # a second registration raises
+            fcm.register_flop_formula(op, get_raw=True)(formula)
+    return fcm.FlopCounterMode(display=False)
+
+
+def memory_child(a):
+    """One case on fake tensors, as rank 0 of a fake process group: a json line per step with the tracker's peak
+    by category and its total when the step began. --device cuda: bf16 compute (FSDP's policy on a GPU)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    import distill
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=a.world)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (a.world,))  # outside FakeTensorMode
+    sp_group = dist.new_group(list(range(a.sp))) if a.sp > 1 else None
+    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width)
+    with FakeTensorMode():
+        # device "cuda" only picks shard()'s bf16 policy; the mesh, and so every tensor, stays on (fake) CPU
+        m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device(a.device), mesh, sp_group, a.frames, a.size)
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            t = _tracker([m.gen, m.ema, m.teacher, m.disc], list(opts.values()))
+            t.track_inputs((batch,))
+            with t, flop_counter() as fc:  # one step per tracker: it refuses a second iteration
+                (start,) = t.get_tracker_snapshot().values()
+                fn()
+            (peak,) = t.get_tracker_snapshot("peak").values()
+            print(json.dumps({"step": name, "peak": peak, "start": start["Total"], "flops": fc.get_total_flops(),
+                              "s": time.perf_counter() - t0}), flush=True)
+        with torch.no_grad(), flop_counter() as fc:  # a one-step sample: one generator forward (no encoders, no VAE)
+            distill.run(m.gen, batch["latent"], torch.ones(1), batch["cond"])
+        print(json.dumps({"step": "one-step sample (DiT forward)", "flops": fc.get_total_flops()}), flush=True)
+
+
+def _child_json(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _case_args(preset, size, frames, world, sp, device, a):
+    return [sys.executable, __file__, "memory", "--child", f"--preset={preset}", f"--size={size}", f"--frames={frames}",
+            f"--world={world}", f"--sp={sp}", f"--device={device}", f"--disc_width={a.disc_width}"] + \
+        [f"--{k}={getattr(a, k)}" for k in ("dim", "ffn", "heads", "layers")]
+
+
+def rss_now():
+    """(resident, peak resident) bytes of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        v = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.startswith(("VmRSS", "VmHWM"))}
+    return v["VmRSS"], v["VmHWM"]
+
+
+def memory_measure(a):
+    """One rank of the CPU check (under torchrun, gloo): the same steps on real tensors, each step's peak RSS above
+    its start (the peak is reset before it), as json lines from rank 0."""
+    import torch.distributed as dist
+    import distill
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+    sp_group = dist.new_group(list(range(a.sp))) if a.sp > 1 else None  # world == sp here: one group
+    torch.manual_seed(0)
+    base = rss_now()[0]
+    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width)
+    m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device("cpu"), mesh, sp_group, a.frames, a.size)
+    for name, fn in steps.items():
+        dist.barrier()
+        start = rss_now()[0]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        fn()
+        if rank == 0:
+            print(json.dumps({"step": name, "peak_above_start": rss_now()[1] - start, "start_above_base": start - base}),
+                  flush=True)
+    dist.destroy_process_group()
+
+
+def memory_validate(a):
+    """Tracker on fake tensors against a measured 2-rank gloo run of the same small config (fp32 on CPU)."""
+    size, frames = "256*256", 9
+    a = argparse.Namespace(**{**vars(a), "preset": "custom", "dim": 768, "ffn": 3072, "heads": 6, "layers": 4})
+    pred = _child_json(_case_args("custom", size, frames, 2, 2, "cpu", a))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")  # large frees go back to the OS
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", __file__, "memory",
+           "--measure", "--preset=custom", f"--size={size}", f"--frames={frames}", "--sp=2", f"--disc_width={a.disc_width}"
+           ] + [f"--{k}={getattr(a, k)}" for k in ("dim", "ffn", "heads", "layers")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"the measured CPU run failed:\n{out.stderr[-3000:]}")
+    meas = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    print(f"check on this CPU: dim {a.dim}, {a.layers} layers, {frames} frames at {size}, 2 gloo ranks, sp 2, fp32; "
+          f"per rank, GiB")
+    print(f"  {'step':40s} {'state at start: tracked':>24s} {'measured RSS':>13s}  {'step peak above start: tracked':>31s}"
+          f" {'measured RSS':>13s}")
+    for p, r in zip(pred, meas):
+        print(f"  {p['step']:40s} {p['start'] / 2**30:24.3f} {r['start_above_base'] / 2**30:13.3f}  "
+              f"{(p['peak']['Total'] - p['start']) / 2**30:31.3f} {r['peak_above_start'] / 2**30:13.3f}")
+
+
+PEAK_TFLOPS = {"H100 SXM": 989.4, "H200 SXM": 989.4}  # dense bf16 tensor-core peak, NVIDIA's datasheets
+
+
 def memory(a):
-    import types
-    from distill import Config, add_lora, memory_estimate, print_memory
-    from model import PRESETS, Discriminator, WanModel
-    cfg = Config(sp=a.sp)
-    with torch.device("meta"):
-        gen, teacher = WanModel(PRESETS[a.preset]), WanModel(PRESETS[a.preset])
-        add_lora(teacher, cfg.lora_rank)
-        disc = Discriminator(gen.cfg.dim, range(cfg.disc_taps), cfg.disc_width, cfg.disc_queries, cfg.semantic)
-    W, H = map(int, a.size.split("*"))
-    tokens = ((a.frames - 1) // 4 + 1) * (H // 16) * (W // 16)
-    print(f"{a.preset} distillation, Phase II (the larger), {a.frames} frames at {a.size} = {tokens} tokens, "
-          f"world {a.world}, sp {a.sp}, micro-batch 1, the default Config")
-    print_memory(memory_estimate(cfg, types.SimpleNamespace(gen=gen, teacher=teacher, disc=disc), a.world, tokens))
-
-
-def train_memory(a):
-    import tempfile
-    from safetensors.torch import save_file
-    from model import WanConfig, WanModel
-    root = tempfile.mkdtemp(prefix="vpae-mem-")
-    cfg = WanConfig("t2v", dim=a.dim, ffn_dim=4 * a.dim, num_heads=a.heads, num_layers=a.layers, text_len=64)
-    ckpt, lat = os.path.join(root, "ckpt"), os.path.join(root, "latents")
-    os.makedirs(ckpt), os.makedirs(lat)
-    save_file({k: v.contiguous() for k, v in WanModel(cfg).state_dict().items()},
-              os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(ckpt, "config.json"), "w") as f:
-        json.dump({"model_type": "t2v", "dim": a.dim, "ffn_dim": 4 * a.dim, "num_heads": a.heads,
-                   "num_layers": a.layers, "text_len": 64}, f)
-    W, H = map(int, a.size.split("*"))
-    shape = (16, (a.frames - 1) // 4 + 1, H // 8, W // 8)
-    clips = [{"id": f"{i:06d}", "shard": "shard_00000.safetensors", "caption": "x", "file": f"{i}.mp4"} for i in range(4)]
-    save_file({f"{c['id']}.{k}": torch.randn(*s) for c in clips for k, s in (("latent", shape), ("context", (20, 4096)))},
-              os.path.join(lat, "shard_00000.safetensors"))
-    save_file({"context": torch.randn(20, 4096)}, os.path.join(lat, "neg_context.safetensors"))
-    with open(os.path.join(lat, "manifest.json"), "w") as f:
-        json.dump({"model_type": "t2v", "frames": a.frames, "size": a.size, "clips": clips, "skipped": {}}, f)
-    out = os.path.join(root, "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill.py"), f"--teacher={ckpt}",
-           f"--data={lat}", f"--out={out}", "--phase1_steps=1", "--phase2_steps=2", "--batch_size=2",
-           "--log_every=1", "--ckpt_every=1000", "--sp=2"]
-    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    est = float(text.split("memory per GPU  total")[1].split()[0])
-    with open(os.path.join(out, "log.jsonl")) as f:
-        peak = max(json.loads(line)["peak_mem_gib"] for line in f)
-    print([line for line in text.splitlines() if "memory per GPU" in line or "tokens per clip" in line], sep="\n")
-    print(f"2 CPU ranks, sp 2, dim {a.dim}, {a.layers} layers: estimate {est:.2f} GiB per rank, "
-          f"measured peak RSS {peak:.2f} GiB per rank (RSS includes the ~0.4 GiB of the Python/torch process)")
+    if a.measure:
+        return memory_measure(a)
+    if a.child:
+        return memory_child(a)
+    print("per-GPU memory of distill.py's steps from PyTorch's FSDPMemTracker "
+          "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group: the tensors "
+          "alone, without the CUDA context, NCCL buffers or allocator fragmentation; FLOPs from "
+          "torch.utils.flop_counter.FlopCounterMode in the same pass")
+    t0 = time.perf_counter()
+    cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp)]
+    procs = [subprocess.Popen(_case_args(*c, "cuda", a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cases]  # the cases run side by side, one process each
+    memory_validate(a)
+    for (preset, size, frames, world, sp), p in zip(cases, procs):
+        out, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"the {preset} {size} case failed:\n{err[-3000:]}")
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        W, H = map(int, size.split("*"))
+        tokens = ((frames - 1) // 4 + 1) * (H // 16) * (W // 16)
+        print(f"{preset}, {frames} frames at {size} ({tokens} tokens), world {world}, sp {sp}, bf16 compute, fp32 master "
+              f"weights and reduce, micro-batch 1, the default Config ({time.perf_counter() - t0:.0f} s so far); per GPU:")
+        steps = [r for r in rows if "peak" in r]
+        cats = [c for c in CATEGORIES if any(r["peak"].get(c) for r in steps)]
+        print(f"  {'GiB at the peak of':37s} {'peak':>6s} " + " ".join(f"{c:>15s}" for c in cats))
+        for r in steps:
+            print(f"  {r['step']:37s} {r['peak']['Total'] / 2**30:6.1f} " +
+                  " ".join(f"{r['peak'].get(c, 0) / 2**30:15.2f}" for c in cats))
+        for gb in (80, 141):  # on N GPUs the sharded states are world/N of these; the rest stays (sp fixed)
+            need = lambda n: max(sum(v for c, v in r["peak"].items() if c in SHARDED) * world / n +  # noqa: E731
+                                 sum(v for c, v in r["peak"].items() if c not in SHARDED + ("Total",)) for r in steps)
+            n = next((n for n in range(sp, 1025, sp) if need(n) <= gb * 1e9), None)
+            print(f"  fewest {gb} GB GPUs at sp {sp}: {n} ({need(n) / 2**30:.1f} GiB each at the peak)" if n else
+                  f"  does not fit {gb} GB GPUs at sp {sp}")
+        for r in rows:  # the roofline floor: this GPU's FLOPs at the dense bf16 peak
+            print(f"  {r['step']:37s} {r['flops'] / 1e12:9.1f} TFLOP per GPU; floor " + ", ".join(
+                f"{k} {r['flops'] / v / 1e12:.2f} s" for k, v in PEAK_TFLOPS.items()))
 
 
 def dit_child(a):
@@ -304,7 +736,7 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory", "train-memory", "kernels"])
+    p.add_argument("what", choices=["dit", "load", "memory", "kernels", "compile", "gpu"])
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
@@ -315,26 +747,30 @@ if __name__ == "__main__":
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--impl", default="vpae")
-    p.add_argument("--preset", default="i2v-14B")
+    p.add_argument("--preset", help="memory: one case of this preset (default: the three cases of bench.CASES)")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--disc_width", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--sp", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
     p.add_argument("--tiny", action="store_true", help="kernels: tiny sizes on CPU under the Triton interpreter")
+    p.add_argument("--out", default="gpu_summary.json", help="gpu: where the JSON summary goes")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
-    a.size = a.size or {"memory": "832*480", "train-memory": "256*256"}.get(a.what, "416*240")
+    a.size = a.size or {"memory": "832*480"}.get(a.what, "416*240")
     if a.what == "load":
         if not a.ckpt:
             p.error("load needs a checkpoint directory")
         load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype])
     elif a.what == "memory":
         memory(a)
-    elif a.what == "train-memory":
-        train_memory(a)
-    elif a.what == "kernels":
+    elif a.what == "compile":
+        compile_report(not a.tiny)
+    elif a.what in ("kernels", "gpu"):
         if a.tiny:
             os.environ["TRITON_INTERPRET"] = "1"  # before kernels (and triton) are imported
-        kernels_bench(a.tiny)
+        kernels_bench(a.tiny) if a.what == "kernels" else gpu(a)
     else:
         dit_child(a) if a.child else dit(a)

@@ -3,6 +3,7 @@ plus a synthetic moving-shapes source for the tests and the demo.
 
   python data.py --synthetic 64 --out shapes/                                   # mp4s + captions.jsonl
   python data.py --ckpt_dir Wan2.1-I2V-14B-480P --videos shapes/ --out latents/  # shards + manifest.json
+  torchrun --nproc_per_node=8 data.py --ckpt_dir ... --videos ... --out ...      # the clips split over 8 ranks
 
 A video folder holds .mp4/.webm/.gif files and their captions: captions.jsonl lines {"file", "caption"}, or a
 .txt beside each video. Clips are sampled at 16 fps, scaled to cover --size and centre-cropped. A precomputed
@@ -11,12 +12,14 @@ folder holds manifest.json, neg_context.safetensors and shard_*.safetensors with
 """
 import argparse
 import json
+import math
 import os
 import time
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -135,8 +138,9 @@ def read_frames(path, frames):
                 got[n - 1] = frame
             if n > want[-1]:
                 break
-        if want[-1] not in got:
-            raise Skip("too_short", f"{n} frames at {fps:g} fps; {frames} frames at 16 fps need {want[-1] + 1}")
+        if want[-1] not in got:  # args[2]: what the clip has, to suggest --frames and --size
+            fit = (math.ceil(n * sample.FPS / fps - 1e-6), *rgb(frame).shape[1::-1]) if n else None
+            raise Skip("too_short", f"{n} frames at {fps:g} fps; {frames} frames at 16 fps need {want[-1] + 1}", fit)
         return np.stack([rgb(got[i]) for i in want])
     except Skip:
         raise
@@ -191,85 +195,144 @@ def is_precomputed(path):
     return os.path.isfile(os.path.join(path, "manifest.json"))
 
 
+def read_manifest(out):
+    """manifest.json with the clips and skips of any part_<rank>.json that a run of ranks has not merged yet
+    (clips ordered by id, each file once; skipped lists sorted), or None."""
+    if not is_precomputed(out):
+        return None
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as fh:
+        man = json.load(fh)
+    seen, new, skipped = {c["file"] for c in man["clips"]}, {}, man["skipped"]
+    for part in parts(out):
+        with open(os.path.join(out, part), encoding="utf-8") as fh:
+            p = json.load(fh)
+        new |= {c["file"]: c for c in p["clips"] if c["file"] not in seen}
+        for k, v in p["skipped"].items():
+            skipped[k] = sorted(set(skipped.get(k, [])) | set(v))
+    man["clips"] += sorted(new.values(), key=lambda c: int(c["id"]))
+    return man
+
+
+def parts(out):
+    return [f for f in os.listdir(out) if f.startswith("part_") and f.endswith(".json")]
+
+
 @torch.no_grad()
-def precompute(ckpt_dir, videos, out, frames=81, size="832*480", device="cpu", dtype=None):
+def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtype=None):
     """Encode every captioned clip of `videos` into shards under `out` and return out. Resumable: clips already
-    in out/manifest.json are not redone. dtype overrides the T5/CLIP dtype (default: official on a GPU, fp32 on a
-    CPU); the VAE always runs in fp32."""
+    in out/manifest.json are not redone. frames and size default to the checkpoint's demo ones (assets/demo: 17,
+    64*64), else 81 and 832*480. dtype overrides the T5/CLIP dtype (default: official on a GPU, fp32 on a CPU);
+    the VAE always runs in fp32. Raises ValueError when no clip is usable.
+
+    Under torch.distributed (torchrun, or distill.py's ranks) every rank calls it: rank r encodes clips r, r + world,
+    ... into its own shards, listed in out/part_<r>.json after each shard, and rank 0 merges the parts into
+    manifest.json at the end, in the order one process would have written. A clip's id is its place in the list of
+    clips still to do, after the largest id already used, so shard names (its first clip's id) never collide."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    barrier = dist.barrier if world > 1 else lambda: None
+    sample.check_device(device)
+    model_type, demo = load_config(ckpt_dir).model_type, sample.demo_config(ckpt_dir)
+    frames, size = frames or demo.get("frames", 81), size or demo.get("size", "832*480")
     w, h = sample.parse_size(size)
     sample.check_video(frames, w, h, f"size {size}")
     if not os.path.isdir(videos):
         raise FileNotFoundError(f"video folder {videos} not found: pass a folder of captioned videos")
-    model_type = load_config(ckpt_dir).model_type
     if model_type not in ("t2v", "i2v"):
         raise ValueError(f"{ckpt_dir} is a {model_type} checkpoint: precompute supports t2v and i2v")
     clips, uncaptioned = list_clips(videos)
-    man_path = os.path.join(out, "manifest.json")
-    head = {"model_type": model_type, "frames": frames, "size": f"{w}*{h}"}
-    if is_precomputed(out):
-        with open(man_path, encoding="utf-8") as fh:
-            man = json.load(fh)
-        if {k: man.get(k) for k in head} != head:
-            raise ValueError(f"{out} holds {man.get('model_type')} clips of {man.get('frames')} frames at "
-                             f"{man.get('size')}, not {model_type} {frames} at {w}*{h}: precompute into another --out")
-    elif os.path.isdir(out) and os.listdir(out):
+    man_path, neg_path = os.path.join(out, "manifest.json"), os.path.join(out, "neg_context.safetensors")
+    head, man = {"model_type": model_type, "frames": frames, "size": f"{w}*{h}"}, read_manifest(out)
+    anew = man is None or ({k: man.get(k) for k in head} != head and not man["clips"])  # nothing usable kept
+    if man is None and os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out} is not empty and has no manifest.json: precompute into an empty or new --out")
-    else:
+    if not anew and {k: man.get(k) for k in head} != head:
+        raise ValueError(f"{out} holds {man.get('model_type')} clips of {man.get('frames')} frames at "
+                         f"{man.get('size')}, not {model_type} {frames} at {w}*{h}: precompute into another --out")
+    barrier()  # every rank has read the folder before rank 0 changes it
+    if anew and rank == 0:
         os.makedirs(out, exist_ok=True)
-        man = {**head, "clips": [], "skipped": {}}
-        write_json(man, man_path)
-    skipped = man["skipped"]
-    done = {c["file"] for c in man["clips"]} | {f for fs in skipped.values() for f in fs}
-    if any(f not in done for f in uncaptioned):
-        skipped.setdefault("no_caption", []).extend(f for f in uncaptioned if f not in done)
+        for f in parts(out) + ["neg_context.safetensors"] * os.path.isfile(neg_path):  # a run at other settings
+            os.remove(os.path.join(out, f))
+        write_json({**head, "clips": [], "skipped": {}}, man_path)
+    barrier()
+    man = read_manifest(out)
+    done = {c["file"] for c in man["clips"]} | {f for fs in man["skipped"].values() for f in fs}
     todo = [(f, cap) for f, cap in clips if f not in done]
-    print(f"{len(todo)} clips to encode ({len(man['clips'])} already in {out})")
-
-    neg_path = os.path.join(out, "neg_context.safetensors")
-    if todo or not os.path.isfile(neg_path):
+    base = 1 + max((int(c["id"]) for c in man["clips"]), default=-1)
+    mine = list(enumerate(todo))[rank::world]  # (place in todo, (file, caption))
+    if rank == 0:
+        print(f"{len(todo)} clips to encode at {frames} frames, {w}*{h} ({len(man['clips'])} already in {out})"
+              + (f", over {world} ranks" if world > 1 else ""))
+    part_path = os.path.join(out, f"part_{rank}.json")
+    no_caption = [f for f in uncaptioned if f not in done] if rank == 0 else []
+    part = {"clips": [], "skipped": {"no_caption": no_caption} if no_caption else {}}
+    if os.path.isfile(part_path):  # this rank's part of a run that stopped early: kept, extended
+        with open(part_path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        part["clips"] = old["clips"]
+        for k, v in old["skipped"].items():
+            part["skipped"][k] = part["skipped"].get(k, []) + v
+    fits = []  # what the too-short clips have
+    if mine or (rank == 0 and not os.path.isfile(neg_path)):
         dt = sample.dtypes(device)
         if dtype is not None:
             dt.update(t5=dtype, clip=dtype)
         t5, vae, clip = sample.load_encoders(ckpt_dir, model_type, device, dt)
-        if not os.path.isfile(neg_path):
+        if rank == 0 and not os.path.isfile(neg_path):
             neg = (sample.I2V_NEG_PREFIX if model_type == "i2v" else "") + sample.NEG_PROMPT
             atomic(neg_path, lambda f: save_file({"context": t5.encode([neg])[0].float().cpu().contiguous()}, f))
-        shard_no = len({c["shard"] for c in man["clips"]})
         tensors, pending = {}, []
 
-        def flush():  # one shard, then the manifest that names it: a crash loses at most the clips of one shard
-            nonlocal shard_no
-            shard = f"shard_{shard_no:05d}.safetensors"
+        def flush():  # one shard, then the part that names it: a crash loses at most the clips of one shard
+            shard = f"shard_{int(pending[0]['id']):05d}.safetensors"
             atomic(os.path.join(out, shard), lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p))
-            man["clips"] += [{**c, "shard": shard} for c in pending]
-            write_json(man, man_path)
-            shard_no += 1
+            part["clips"] += [{**c, "shard": shard} for c in pending]
+            write_json(part, part_path)
             tensors.clear()
             pending.clear()
 
-        for i, (f, cap) in enumerate(todo, 1):
+        for i, (j, (f, cap)) in enumerate(mine, 1):
             t0 = time.time()
             try:
                 video = resize_crop(read_frames(os.path.join(videos, f), frames), w, h)  # (3, F, h, w)
             except Skip as e:
-                skipped.setdefault(e.args[0], []).append(f)
-                print(f"[{i}/{len(todo)}] {f}: skipped, {e.args[0]} ({e.args[1]})", flush=True)
+                part["skipped"].setdefault(e.args[0], []).append(f)
+                fits += [a for a in e.args[2:] if a]
+                print(f"[{i}/{len(mine)}] {f}: skipped, {e.args[0]} ({e.args[1]})", flush=True)
                 continue
-            cid = f"{len(man['clips']) + len(pending):06d}"  # the manifest maps it to the file
+            cid = f"{base + j:06d}"  # the manifest maps it to the file
             tensors[f"{cid}.latent"] = vae.encode(video[None].to(device))[0].cpu()  # (16, T, h/8, w/8) fp32
             tensors[f"{cid}.context"] = t5.encode([cap])[0].cpu().clone()  # (L, 4096) as computed; clone: a view of 512
             if model_type == "i2v":  # the first frame is the condition, as official builds it
                 tensors[f"{cid}.y"] = sample.i2v_condition(vae, video[:, 0], frames, h, w).cpu()
                 tensors[f"{cid}.clip"] = clip.encode_image(video[None, :, 0].to(device))[0].cpu()
             pending.append({"id": cid, "caption": cap, "file": f})
-            print(f"[{i}/{len(todo)}] {f}: {time.time() - t0:.1f}s", flush=True)
+            print(f"[{i}/{len(mine)}] {f}: {time.time() - t0:.1f}s", flush=True)
             if len(pending) == SHARD_CLIPS:
                 flush()
         if pending:
             flush()
-    write_json(man, man_path)
-    counts = ", ".join(f"{k} {len(v)}" for k, v in skipped.items() if v) or "none"
-    print(f"{len(man['clips'])} clips in {out}; skipped: {counts}")
+    write_json(part, part_path)
+    barrier()
+    if rank == 0:  # merge the parts into the manifest, then drop them
+        write_json(read_manifest(out), man_path)
+        for f in parts(out):
+            os.remove(os.path.join(out, f))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, fits)  # also waits for the merge
+        fits = sum(gathered, [])
+    man = read_manifest(out)
+    counts = ", ".join(f"{k} {len(v)}" for k, v in man["skipped"].items() if v) or "none"
+    if rank == 0:
+        print(f"{len(man['clips'])} clips in {out}; skipped: {counts}")
+    if not man["clips"]:
+        hint = ""
+        if fits:
+            n, w0, h0 = max(fits)
+            hint = (f"; the longest is {n} frames at 16 fps, {w0}*{h0}: pass --frames {(n - 1) // 4 * 4 + 1} or fewer "
+                    f"(4n+1) and a --size such as {max(16, w0 // 16 * 16)}*{max(16, h0 // 16 * 16)}")
+        raise ValueError(f"no usable clip in {videos} at {frames} frames (skipped: {counts}){hint}")
     return out
 
 
@@ -364,8 +427,8 @@ def main(argv=None):
     p.add_argument("--ckpt_dir", help="official Wan2.1 checkpoint directory (for precompute)")
     p.add_argument("--videos", help="folder of captioned videos to precompute")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--frames", type=int, help="frames per clip at 16 fps, 4n+1 (default 81; synthetic 17)")
-    p.add_argument("--size", help="W*H (default 832*480; synthetic 64*64)")
+    p.add_argument("--frames", type=int, help="frames per clip at 16 fps, 4n+1 (default 81 or the demo's; synthetic 17)")
+    p.add_argument("--size", help="W*H (default 832*480 or the demo's; synthetic 64*64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
     p.add_argument("--overwrite", action="store_true", help="synthetic: write into a non-empty --out")
@@ -376,9 +439,17 @@ def main(argv=None):
                                    args.overwrite)
         if not (args.ckpt_dir and args.videos):
             p.error("precompute needs --ckpt_dir and --videos (or pass --synthetic N to write synthetic clips)")
-        return precompute(args.ckpt_dir, args.videos, args.out, args.frames or 81, args.size or "832*480", args.device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"data.py: error: {e}") from None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun: split the clips
+            dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+            if args.device == "cuda":
+                args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+                torch.cuda.set_device(args.device)
+        return precompute(args.ckpt_dir, args.videos, args.out, args.frames, args.size, args.device)
+    except (FileNotFoundError, ValueError) as e:  # every rank finds it; rank 0 says it
+        raise SystemExit(f"data.py: error: {e}" if int(os.environ.get("RANK", "0")) == 0 else 1) from None
+    finally:
+        if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   torchrun --nproc_per_node=8 distill.py --teacher=Wan2.1-I2V-14B-480P --data=latents/ --out=run/ --sp=8
   python distill.py --teacher=... --data=... --out=...            # one process works too
+  python distill.py --export_lora=64 --teacher=... --out=run/     # run/student.safetensors as a rank-64 LoRA
 
 Phase I (stability priming): a DMD gradient pulls the one-step output towards the CFG teacher, against a
 LoRA "fake" score that tracks the generator. Phase II (unified adversarial equilibrium): a hinge GAN whose
@@ -46,13 +47,13 @@ class Config:
     phase2_steps: int = 1000  # adversarial equilibrium [paper]
     batch_size: int = 32  # global batch per optimizer step [paper]; micro-batches are accumulated
     micro_batch: int = 1  # clips per rank per forward
-    seed: int = 0
+    seed: int = 0  # seeds the data order, the noise and the initial heads and LoRA
     lr_phase1: float = 1e-6  # generator lr, Phase I [paper]
     lr_phase2: float = 2e-6  # generator lr, Phase II [paper]
     lr_fake: float = 1e-5  # LoRA fake-score lr [choice]
     lr_disc: float = 1e-5  # discriminator-head lr [choice]
     beta1: float = 0.0  # Adam betas (beta1, beta2) of the generator and heads in Phase II [choice, APT-like]
-    beta2: float = 0.99
+    beta2: float = 0.99  # see beta1
     sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]; 0 = off
     shift: float = 3.0  # re-noising shift for DMD and C-SDS: the task's Wan sample shift [choice]; 5 for 720p/t2v
     guide_scale: float = 5.0  # teacher CFG w [choice, Wan default]
@@ -66,7 +67,7 @@ class Config:
     disc_steps: int = 1  # discriminator steps per generator step, each on fresh clips [choice, APT: 1]
     disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
     disc_queries: int = 4  # learnable query tokens per head [choice]
-    disc_width: int = 1024  # head width [ours]
+    disc_width: int = 0  # head width; 0 = the backbone's dim, at most 1024 (1024 at 1.3B and 14B, 128 on the toy) [ours]
     semantic: bool = True  # the semantic self-attention over image/text tokens in each head [paper]
     lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]
     lambda_adv: float = 1.0  # weight of the adversarial term in L_G; 0 = C-SDS alone, a control [ours]
@@ -77,11 +78,12 @@ class Config:
     sp: int = 1  # Ulysses sequence-parallel degree (divides world size and num_heads)
     grad_ckpt: bool = True  # per-block activation checkpointing
     param_dtype: str = "bf16"  # FSDP compute dtype on GPU (CPU always runs fp32); grads reduce in fp32
-    log_every: int = 10
-    ckpt_every: int = 100
+    log_every: int = 10  # steps between lines of OUT/log.jsonl
+    ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM)
     keep_ckpts: int = 3  # the newest k complete checkpoints are kept
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
-    export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) [ours]
+    export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
+    export_lora: int = 0  # RANK > 0: only write OUT/student.safetensors as a LoRA of --teacher (see export_lora)
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
     tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
     val_data: str = ""  # a precomputed folder of held-out clips: D's real-vs-fake accuracy is logged on them [ours]
@@ -90,22 +92,50 @@ class Config:
     val_clips: int = 32  # at most this many clips of val_data
 
 
+def fail(msg):
+    """A user error: one line from rank 0 (every rank finds the same error), then exit 1 on every rank."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(f"distill.py: error: {msg}" if rank == 0 else 1)
+
+
+def usage():
+    """Every Config field with its type, default and the comment beside it in this file."""
+    import inspect
+    lines, out = inspect.getsource(Config).splitlines(), ["distill.py --field=value ...  (or --field value)\n"]
+    for line in lines[2:]:
+        m = re.fullmatch(r"    (\w+): (\w+) = (.*?)(?:  # (.*))?", line)
+        if m:
+            out.append(f"  --{m[1]}={m[3].strip(chr(34))}  ({m[2]})" + (f"  {m[4]}" if m[4] else ""))
+        elif line.strip().startswith("#"):  # a comment continued on the next lines
+            out[-1] += " " + line.strip().lstrip("#").strip()
+    return "\n".join(out)
+
+
 def parse_args(argv):
-    """--field=value overrides of Config, type-checked."""
+    """--field=value (or --field value) overrides of Config, type-checked; --help lists the fields."""
     cfg, types = Config(), {f.name: f.type.__name__ for f in dataclasses.fields(Config)}
-    for arg in argv:
+    if {"-h", "--help"} & set(argv):
+        print(usage()) if int(os.environ.get("RANK", 0)) == 0 else None
+        sys.exit(0)
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if re.fullmatch(r"--\w+", arg) and argv and not argv[0].startswith("--"):
+            arg += "=" + argv.pop(0)  # --field value
         m = re.fullmatch(r"--(\w+)=(.*)", arg)
         if not m or m[1] not in types:
-            sys.exit(f"unknown argument {arg!r}: use --field=value with a field of Config in distill.py")
+            fail(f"unknown argument {arg!r}: use --field=value with a field of Config (distill.py --help lists them)")
         name, val, typ = m[1], m[2], types[m[1]]
         try:
             v = {"bool": lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()],
                  "int": int, "float": float, "str": str}[typ](val)
         except (KeyError, ValueError):
-            sys.exit(f"--{name}={val!r}: expected a {typ}")
+            fail(f"--{name}={val!r}: expected a {typ}")
         setattr(cfg, name, v)
     if cfg.disc_backbone not in ("ema", "live", "teacher"):
-        sys.exit(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
+        fail(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
     return cfg
 
 
@@ -336,7 +366,7 @@ def setup_dist(cfg, rank, world, local_rank, init_method):
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
     if world % cfg.sp:
-        sys.exit(f"--sp={cfg.sp} must divide the world size {world}")
+        fail(f"--sp={cfg.sp} must divide the world size {world}")
     groups = [dist.new_group(list(range(i * cfg.sp, (i + 1) * cfg.sp))) for i in range(world // cfg.sp)]
     sp_group = groups[rank // cfg.sp] if cfg.sp > 1 else None
     return torch.device("cuda" if cuda else "cpu"), rank // cfg.sp, world // cfg.sp, sp_group
@@ -387,37 +417,23 @@ def prepare(batch, neg, text_len, device):
             "neg": {"context": pad(neg)[None].expand(B, -1, -1).to(device)}}
 
 
-def memory_estimate(cfg, m, world, tokens):
-    """(what, bytes per GPU) rows: the sharded states, and the activations of one micro-batch. Printed, not enforced."""
-    numel = lambda mod: sum(p.numel() for p in mod.parameters())
-    P, H, layers, D = numel(m.gen), numel(m.disc), m.gen.cfg.num_layers, m.gen.cfg.dim
-    lora = sum(p.numel() for n, p in m.teacher.named_parameters() if ".lora." in n)
-    L = cfg.micro_batch * -(-tokens // cfg.sp)  # tokens per rank
-    rows = [("generator fp32 params + fp32 grads", 8 * P / world), ("generator Adam (2 fp32 moments)", 8 * P / world),
-            ("EMA fp32", 4 * P / world), ("teacher fp32 (computes in bf16)", 4 * (P + lora) / world),
-            ("LoRA + heads, with grads and Adam", 16 * (lora + H) / world)]
-    if cfg.disc_backbone == "live":
-        rows.append(("live backbone copy fp32", 4 * P / world))
-    rows += [("FSDP: 2 unsharded blocks in bf16", 2 * 2 * (P / layers)),
-             # checkpointing keeps each block's fp32 input; Phase II's G step backprops through G and the backbone
-             ("activations: block inputs of 2 passes", 2 * layers * L * D * 4),
-             ("activations: one block recomputed (bf16)", L * (12 * D + 3 * m.gen.cfg.ffn_dim) * 2),
-             ("tapped hidden states, gathered (fp32)", len(m.disc.taps) * cfg.micro_batch * tokens * D * 4)]
-    return rows
-
-
-def print_memory(rows):
-    for name, b in rows + [("total", sum(b for _, b in rows))]:
-        print(f"  memory per GPU  {name:42s} {b / 2**30:8.2f} GiB")
-
-
 # -----------------------------------------------------------------------------
 # checkpoints: torch.distributed.checkpoint into ckpt_<step>.tmp, renamed once complete
 
 
+def ckpts(out):
+    """The complete checkpoints in out, oldest first."""
+    return sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt_\d{8}", d)) if os.path.isdir(out) else []
+
+
 def latest_ckpt(out):
-    done = sorted(d for d in os.listdir(out) if re.fullmatch(r"ckpt_\d{8}", d)) if os.path.isdir(out) else []
+    done = ckpts(out)
     return os.path.join(out, done[-1]) if done else None
+
+
+def prune(out, keep):
+    for old in ckpts(out)[:-keep]:
+        shutil.rmtree(os.path.join(out, old))
 
 
 def train_state(m, opts):
@@ -438,8 +454,7 @@ def save_ckpt(cfg, m, opts, step, extra):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
         os.replace(tmp, final)  # atomic: resume only ever sees complete checkpoints
-        for old in sorted(d for d in os.listdir(cfg.out) if re.fullmatch(r"ckpt_\d{8}", d))[:-cfg.keep_ckpts]:
-            shutil.rmtree(os.path.join(cfg.out, old))
+        prune(cfg.out, cfg.keep_ckpts)
     dist.barrier()
 
 
@@ -469,7 +484,70 @@ def export_student(cfg, m):
         os.replace(path + ".tmp", path)
         shutil.copy(os.path.join(cfg.teacher, "config.json"), os.path.join(cfg.out, "config.json"))
         print(f"exported the EMA generator to {path}")
+        prune(cfg.out, 1)  # the newest checkpoint alone can continue the run
     dist.barrier()
+
+
+@torch.no_grad()
+def lora_state(teacher, student, rank, dtype=torch.bfloat16):
+    """The student as a LoRA of the teacher, {key: tensor}, in the format of ComfyUI's Wan LoRA loader and diffusers'
+    _convert_non_diffusers_wan_lora_to_diffusers: the original Wan names prefixed `diffusion_model.`.
+    - each Linear of the blocks: `.lora_down.weight` and `.lora_up.weight` from a truncated SVD of (student -
+      teacher) at rank min(rank, its sides), and `.alpha` = that rank (so the merge scale alpha / rank is 1);
+    - each other Linear (text/time embeddings, time projection, head, image projection): the exact difference as
+      a pair (the difference and an identity) without alpha: diffusers' converter reads these only as such pairs;
+    - biases as `.diff_b`, every other changed parameter (norms, modulations, patch embedding) as `.diff`.
+    A module with any changed parameter is written whole (diffusers reads head.head.diff only beside its diff_b)."""
+    sd, t_params = {}, dict(teacher.named_parameters())
+    for name, mod in student.named_modules():
+        diffs = {k: p.float() - t_params[f"{name}.{k}"].float() for k, p in mod.named_parameters(recurse=False)}
+        if not any(d.any() for d in diffs.values()):
+            continue
+        key = "diffusion_model." + name
+        for k, d in diffs.items():
+            if k == "bias":
+                sd[key + ".diff_b"] = d
+            elif k != "weight":  # a bare parameter: blocks.i.modulation, head.modulation, img_emb.emb_pos
+                sd[f"{key}.{k}.diff"] = d
+            elif not isinstance(mod, nn.Linear):
+                sd[key + ".diff"] = d
+            elif name.startswith("blocks."):
+                dev = "cuda" if torch.cuda.is_available() else "cpu"  # 480 SVDs at 14B: on a GPU when there is one
+                U, S, Vh = torch.linalg.svd(d.to(dev), full_matrices=False)
+                r = min(rank, len(S))
+                sd[key + ".lora_up.weight"] = (U[:, :r] * S[:r].sqrt()).cpu()  # (out, r)
+                sd[key + ".lora_down.weight"] = (S[:r, None].sqrt() * Vh[:r]).cpu()  # (r, in)
+                sd[key + ".alpha"] = torch.tensor(float(r))
+            else:
+                eye = torch.eye(min(d.shape))
+                up, down = (eye, d) if d.shape[0] <= d.shape[1] else (d, eye)
+                sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"] = up, down  # no alpha: scale 1
+    return {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def export_lora(cfg):
+    """--export_lora=RANK: OUT/student.safetensors as a LoRA of --teacher (lora_state) in
+    OUT/student_lora_rank{RANK}.safetensors. A RANK of at least the model width is exact (full rank)."""
+    from safetensors.torch import save_file
+    student = os.path.join(cfg.out, "student.safetensors")
+    out = os.path.join(cfg.out, f"student_lora_rank{cfg.export_lora}.safetensors")
+    if cfg.export_lora < 0:
+        sys.exit(f"--export_lora={cfg.export_lora}: give a rank of at least 1")
+    if not os.path.isfile(student):
+        sys.exit(f"{student} not found: --out must be a finished distill.py run (or a folder with its student)")
+    if os.path.exists(out):
+        sys.exit(f"{out} exists: delete it to export again")
+    try:
+        teacher = WanModel.from_pretrained(cfg.teacher)  # both memory-mapped; each difference is made in turn
+        sd = lora_state(teacher, WanModel.from_pretrained(cfg.teacher, weights=student), cfg.export_lora,
+                        {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"distill.py --export_lora: {e}")
+    D.atomic(out, lambda f: save_file(sd, f))
+    pairs, low = sum(k.endswith(".lora_up.weight") for k in sd), sum(k.endswith(".alpha") for k in sd)
+    print(f"wrote {out}: {low} rank-{cfg.export_lora} pairs in the blocks, {pairs - low} exact pairs outside, "
+          f"{len(sd) - 2 * pairs - low} full differences, {os.path.getsize(out) / 2**20:.1f} MiB")
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -479,35 +557,40 @@ def export_student(cfg, m):
 def main(argv, launch=None):
     """launch: (rank, world size, local rank, init method); default launch_env(). In-process callers pass nothing."""
     cfg = parse_args(argv)
+    if cfg.export_lora:
+        return export_lora(cfg)
     device, dp_rank, dp, sp_group = setup_dist(cfg, *(launch or launch_env()))
     rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
-        sys.exit(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
+        fail(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
     if os.path.exists(os.path.join(cfg.out, "student.safetensors")):
-        sys.exit(f"{cfg.out}/student.safetensors exists: this run has finished; pick another --out")
+        fail(f"{cfg.out}/student.safetensors exists: this run has finished; pick another --out")
     if cfg.batch_size % (dp * cfg.micro_batch):
-        sys.exit(f"--batch_size={cfg.batch_size} must be a multiple of data-parallel ranks ({dp}) x micro_batch ({cfg.micro_batch})")
+        fail(f"--batch_size={cfg.batch_size} must be a multiple of data-parallel ranks ({dp}) x micro_batch ({cfg.micro_batch})")
     accum = cfg.batch_size // (dp * cfg.micro_batch)
     os.makedirs(cfg.out, exist_ok=True)
     data_dir = cfg.data
-    if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, on rank 0
-        data_dir = os.path.join(cfg.out, "latents")
-        if master:
-            D.precompute(cfg.teacher, cfg.data, data_dir, device=device.type)
-        dist.barrier()
-    dataset = D.LatentDataset(data_dir)
-    val = []
-    if cfg.val_data:
-        vds = D.LatentDataset(cfg.val_data)
-        if vds.model_type != dataset.model_type:
-            sys.exit(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
-        val = [vds[i] for i in range(min(len(vds), cfg.val_clips))]
+    try:
+        if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, the clips split over the ranks
+            data_dir = D.precompute(cfg.teacher, cfg.data, os.path.join(cfg.out, "latents"), device=device.type)
+        dataset = D.LatentDataset(data_dir)
+        vds = D.LatentDataset(cfg.val_data) if cfg.val_data else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) else
+                       "; for other frames or sizes, precompute with data.py and pass its --out as --data"))
+    if vds and vds.model_type != dataset.model_type:
+        fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
+    val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []
+    if len(dataset) < dp * cfg.micro_batch:
+        fail(f"{data_dir} holds {len(dataset)} clips; --batch_size={cfg.batch_size} is accumulated from micro-batches of "
+             f"{cfg.micro_batch} on each of {dp} data-parallel ranks, which need at least {dp * cfg.micro_batch}: "
+             "precompute more clips")
     loader = D.Loader(dataset, cfg.micro_batch, rank=dp_rank, world=dp, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)  # identical initial heads and LoRA on every rank
     m = Models(cfg, device, sp_group)
     if m.gen.cfg.model_type != dataset.model_type:
-        sys.exit(f"the data in {data_dir} is {dataset.model_type} but the teacher is {m.gen.cfg.model_type}")
+        fail(f"the data in {data_dir} is {dataset.model_type} but the teacher is {m.gen.cfg.model_type}")
     opts = {"gen": torch.optim.Adam(m.gen.parameters(), lr=cfg.lr_phase1),
             "fake": torch.optim.Adam([p for p in m.teacher.parameters() if p.requires_grad], lr=cfg.lr_fake),
             "disc": torch.optim.Adam(m.disc.parameters(), lr=cfg.lr_disc, betas=(cfg.beta1, cfg.beta2))}
@@ -519,7 +602,6 @@ def main(argv, launch=None):
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         print(f"world {world} = {dp} data-parallel x {cfg.sp} sequence-parallel; {accum} micro-batches of "
               f"{cfg.micro_batch} per step; {tokens} tokens per clip; {len(dataset)} clips")
-        print_memory(memory_estimate(cfg, m, world, tokens))
 
     # Materialise every Adam state now (get_state_dict does it with a zero-lr step) and reset its step count,
     # so a fresh run and a resumed one hold the same state whenever a checkpoint happens to be taken.

@@ -49,7 +49,7 @@ def _num_blocks(sd, prefix):
 
 
 # -----------------------------------------------------------------------------
-# umT5-XXL encoder (spec section 5)
+# umT5-XXL encoder (the official models_t5_umt5-xxl-enc-bf16.pth)
 
 
 def clean_text(text):
@@ -230,7 +230,7 @@ class T5Encoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# CLIP ViT-H/14 vision tower (spec section 6)
+# CLIP ViT-H/14 vision tower (the official open-clip xlm-roberta-large-vit-huge-14 .pth)
 
 
 class CLIPAttention(nn.Module):

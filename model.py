@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -55,13 +56,12 @@ def linear32(lin, x):
     return F.linear(x.float(), lin.weight.float(), lin.bias.float())
 
 
-def all_to_all(x, group, scatter_dim, gather_dim):
-    """Ulysses all-to-all with autograd: split x along scatter_dim over the group, concat what arrives along gather_dim."""
+def all_to_all(x, group, split, join):
+    """Ulysses all-to-all with autograd. `split` (an einops pattern) lays x out as (n, ...) over the n ranks of the
+    group: chunk j goes to rank j. What arrives is (n, ...), chunk j from rank j, and `join` lays it out."""
     n = dist.get_world_size(group)
-    x = x.movedim(scatter_dim, 0).contiguous()  # (n * chunk, ...): rank j receives the j-th chunk
-    y = funcol.all_to_all_single_autograd(x, None, None, group)
-    y = funcol.wait_tensor(y).movedim(0, scatter_dim)  # the received chunks, stacked along scatter_dim
-    return torch.cat(y.chunk(n, dim=scatter_dim), dim=gather_dim)
+    y = funcol.all_to_all_single_autograd(rearrange(x, split, n=n).contiguous(), None, None, group)
+    return rearrange(funcol.wait_tensor(y), join, n=n)
 
 
 def gather_seq(x, group, L):
@@ -102,15 +102,15 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x, cos, sin, k_lens=None, sp=None):
-        B, L, D = x.shape
         q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, self.num_heads, self.eps, cos, sin)  # (B, L, H, hd)
         k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, self.num_heads, self.eps, cos, sin)
-        v = self.v(x).view(B, L, self.num_heads, -1)
+        v = rearrange(self.v(x), "b l (h d) -> b l h d", h=self.num_heads)
         if sp is None:
             return self.o(kernels.attention(q, k, v, k_lens).flatten(2))  # (B, L, D)
-        # Ulysses: trade the sequence split for a head split, attend over the full sequence, trade back
-        q, k, v = (all_to_all(a, sp, scatter_dim=2, gather_dim=1) for a in (q, k, v))  # (B, L*sp, H/sp, hd)
-        o = all_to_all(kernels.attention(q, k, v, k_lens), sp, scatter_dim=1, gather_dim=2)  # (B, L, H, hd)
+        # Ulysses: trade the sequence split (each rank l of the n*l tokens) for a head split (h of the n*h heads),
+        # attend over the full sequence, trade back
+        q, k, v = (all_to_all(a, sp, "b l (n h) d -> n b l h d", "n b l h d -> b (n l) h d") for a in (q, k, v))
+        o = all_to_all(kernels.attention(q, k, v, k_lens), sp, "b (n l) h d -> n b l h d", "n b l h d -> b l (n h) d")
         return self.o(o.flatten(2))
 
 
@@ -118,7 +118,7 @@ class CrossAttention(nn.Module):
     """Cross-attention to the text tokens and, for i2v/flf2v, separately to the CLIP image tokens.
 
     The two attention outputs share q and are summed before the shared output projection. Nothing is
-    masked: the text context is zero-padded to text_len and all of it is attended, as official (section 1.3.4).
+    masked: the text context is zero-padded to text_len and all of it is attended, as the official code does.
     """
 
     def __init__(self, dim, num_heads, eps, image):
@@ -131,13 +131,13 @@ class CrossAttention(nn.Module):
             self.norm_k_img = RMSNorm(dim, eps)  # there is no norm on v_img
 
     def forward(self, x, txt, img=None):
-        B, n = x.shape[0], self.num_heads
+        n, heads = self.num_heads, "b l (h d) -> b l h d"
         q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, n, self.eps)  # (B, L, H, hd)
         k = kernels.qk_norm_rope(self.k(txt), self.norm_k.weight, n, self.eps)  # (B, Lt, H, hd)
-        o = kernels.attention(q, k, self.v(txt).view(B, -1, n, q.shape[-1])).flatten(2)
+        o = kernels.attention(q, k, rearrange(self.v(txt), heads, h=n)).flatten(2)
         if img is not None:
             k = kernels.qk_norm_rope(self.k_img(img), self.norm_k_img.weight, n, self.eps)  # (B, Li, H, hd)
-            o = o + kernels.attention(q, k, self.v_img(img).view(B, -1, n, q.shape[-1])).flatten(2)
+            o = o + kernels.attention(q, k, rearrange(self.v_img(img), heads, h=n)).flatten(2)
         return self.o(o)
 
 
@@ -312,9 +312,9 @@ class WanModel(nn.Module):
         out = self.head(x, e)  # (B, L, prod(patch) * out_dim) fp32
         if sp is not None:
             out = gather_seq(out, sp, L)
-        # unpatchify: features are ordered (pt, ph, pw, c) with c fastest
-        out = out.view(B, *grid, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(B, cfg.out_dim, F_, H, W)
+        # unpatchify: token (f, h, w) of the grid holds its (pt, ph, pw) patch with the channels c fastest
+        out = rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                        f=grid[0], h=grid[1], pt=pt, ph=ph, pw=pw)
         if taps:
             ctx = txt if img is None else torch.cat([img, txt], dim=1)
             return out, hidden, ctx
@@ -372,12 +372,12 @@ class DiscHead(nn.Module):
 
     def forward(self, h, ctx=None):
         # h (B, L, D): hidden states of one tapped block; ctx (B, Lc, D): the backbone's embedded context
-        B, n, w = h.shape[0], self.queries.shape[1], self.queries.shape[2]
-        z = self.queries.expand(B, -1, -1)
+        n = self.queries.shape[1]
+        z = self.queries.expand(h.shape[0], -1, -1)
         if hasattr(self, "sem"):
             z = self.sem(torch.cat([z, self.ctx_proj(ctx.float())], dim=1))[:, :n]  # keep the query positions
-        q = self.q(z).view(B, n, self.heads, -1)
-        k, v = self.kv(self.norm_h(h.float())).view(B, -1, 2, self.heads, w // self.heads).unbind(2)
+        q = rearrange(self.q(z), "b n (h d) -> b n h d", h=self.heads)
+        k, v = rearrange(self.kv(self.norm_h(h.float())), "b l (two h d) -> two b l h d", two=2, h=self.heads)
         z = z + self.o(kernels.attention(q, k, v).flatten(2))  # (B, n, width)
         return self.mlp(z).mean(dim=(1, 2))  # (B,)
 
@@ -385,9 +385,9 @@ class DiscHead(nn.Module):
 class Discriminator(nn.Module):
     """D(x) = sum of one DiscHead per tapped backbone block. Only these heads train (the backbone is frozen)."""
 
-    def __init__(self, dim, taps, width=1024, n_queries=4, semantic=True):
+    def __init__(self, dim, taps, width=0, n_queries=4, semantic=True):
         super().__init__()
-        self.taps = tuple(taps)
+        self.taps, width = tuple(taps), width or min(1024, dim)  # 0: sized to the backbone, at most 1024
         self.heads = nn.ModuleList(DiscHead(dim, width, n_queries, semantic) for _ in self.taps)
 
     def forward(self, hidden, ctx):
@@ -396,7 +396,7 @@ class Discriminator(nn.Module):
 
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 
-PRESETS = {  # the official sizes (section 1.1) and a tiny one for tests
+PRESETS = {  # the official sizes (as in their config.json files) and a tiny one for tests
     "t2v-1.3B": WanConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "t2v-14B": WanConfig("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14B": WanConfig("i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

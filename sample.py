@@ -9,6 +9,7 @@ I2V or T2V follows the checkpoint's config.json. The I2V condition is built as t
 Under torchrun (WORLD_SIZE > 1) the DiT runs with Ulysses sequence parallelism over the ranks.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,21 +20,24 @@ import imageio.v2 as imageio
 import imageio.v3 as iio
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import CLIPVision, T5Encoder
-from model import WanModel, load_config, weight_files
+from model import WanModel, load_config, read_safetensors, weight_files
 from vae import WanVAE
 
 DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")  # bundled demo model
 T5_FILE, TOKENIZER_DIR = "models_t5_umt5-xxl-enc-bf16.pth", os.path.join("google", "umt5-xxl")
 VAE_FILE, CLIP_FILE = "Wan2.1_VAE.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+# Wan's default negative prompt: "bright tones, overexposed, static, blurred details, subtitles, ..., walking backwards"
 NEG_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
               "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")  # Wan's default; English in spec section 2
+              "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 I2V_NEG_PREFIX = "镜头晃动，"  # "camera shake,": official I2V prepends it
 SIZES_480P = ((832, 480), (480, 832))  # official I2V samples these with shift 3.0, every other size with 5.0
 FPS = 16
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def log(*a, **kw):
@@ -56,6 +60,15 @@ def bar(items, desc):
 # the request: sizes, the image, the checkpoint's files, the I2V condition (data.py reuses these)
 
 
+def parse_lora(s):
+    """'file.safetensors:0.8' -> (file, 0.8); without ':SCALE' the scale is 1."""
+    path, _, scale = s.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (s, 1.0)
+    except ValueError:
+        return s, 1.0
+
+
 def parse_size(s):
     """'832*480' -> (w, h), as the official --size."""
     m = re.fullmatch(r"\s*(\d+)\s*\*\s*(\d+)\s*", s)
@@ -73,7 +86,7 @@ def check_video(frames, w, h, what):
 
 
 def target_size(h0, w0, max_area):
-    """The official I2V size (spec section 3.2): the image's aspect ratio at about max_area pixels, both sides
+    """The official I2V size: the image's aspect ratio at about max_area pixels, both sides
     rounded down to multiples of 16. A 1280x720 image at max_area 832*480 gives (h, w) = (464, 832)."""
     ar = h0 / w0
     lat_h = round(math.sqrt(max_area * ar) // 8 // 2 * 2)  # latent rows: // VAE stride, // patch, * patch
@@ -92,7 +105,7 @@ def load_image(path):
 
 @torch.no_grad()
 def i2v_condition(vae, img, frames, h, w, progress=None):
-    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1] (section 3, steps 4-6).
+    """The official I2V condition y [20, T_lat, h/8, w/8] fp32 for img [3, h0, w0] in [-1, 1].
 
     Channels 0-3: the mask, ones on latent frame 0 (the given frame) and zeros elsewhere. Channels 4-19: the
     normalised VAE latent of the image resized to (h, w) followed by frames-1 zero (mid-grey) frames; the
@@ -104,6 +117,18 @@ def i2v_condition(vae, img, frames, h, w, progress=None):
     mask = torch.zeros_like(lat[:4])
     mask[:, 0] = 1
     return torch.cat([mask, lat])  # (20, T_lat, h/8, w/8)
+
+
+def demo_config(ckpt_dir):
+    """The "vpae_demo" entry of a checkpoint's config.json ({} if none): toy.py's demo names its student, size, ..."""
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        return json.load(f).get("vpae_demo", {})
+
+
+def check_device(device):
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (torch {torch.__version__}, CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}): pass --device cpu or install torch's CUDA build")
 
 
 def ckpt_file(ckpt_dir, name):
@@ -128,15 +153,113 @@ def load_encoders(ckpt_dir, model_type, device, dt):
             clip and CLIPVision.from_pretrained(clip, dt["clip"], device))
 
 
-def load_dit(ckpt_dir, dtype, device, student=None):
-    """The checkpoint's DiT; with student, its weights come from that file and the teacher's are never read."""
+def load_dit(ckpt_dir, dtype, device, student=None, loras=()):
+    """The checkpoint's DiT; with student, its weights come from that file and the teacher's are never read.
+    loras: (file, scale) pairs merged into the weights in turn (see merge_lora)."""
     if student is not None and not os.path.isfile(student):
         raise FileNotFoundError(f"--student {student} not found: give the student .safetensors file distill.py wrote")
-    return WanModel.from_pretrained(ckpt_dir, dtype, device, weights=student)
+    for path, _ in loras:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {path} not found: give a .safetensors LoRA file")
+    dit = WanModel.from_pretrained(ckpt_dir, dtype, device, weights=student)
+    for path, scale in loras:
+        merge_lora(dit, path, scale)
+    return dit
 
 
 # -----------------------------------------------------------------------------
-# samplers (method.md, "Inference"); x_sigma = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0
+# LoRAs in the format of ComfyUI's Wan loader (distill.py --export_lora writes it): the original Wan names, with
+# or without "diffusion_model.", each module's update under one of these suffixes
+
+LORA_PARTS = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.weight": "up", ".lora_B.weight": "up",
+              ".alpha": "alpha", ".diff_b": "diff_b", ".diff": "diff"}
+
+
+@torch.no_grad()
+def merge_lora(dit, path, scale=1.0):
+    """Add a LoRA file to the DiT's weights, each in fp32: W += scale * alpha / rank * up @ down for a pair (no
+    alpha: alpha = rank), W += scale * diff, bias += scale * diff_b. Every key that fits no weight (no such module,
+    a wrong shape, half a pair) is named in one error, raised before any weight changes."""
+    params, parts, bad = dict(dit.named_parameters()), {}, []
+    for key, t in read_safetensors(path):
+        name = key.removeprefix("diffusion_model.")
+        suffix = next((s for s in LORA_PARTS if name.endswith(s)), None)
+        if suffix is None:
+            bad.append(f"{key} (not a LoRA key)")
+        else:
+            parts.setdefault(name[:-len(suffix)], {})[LORA_PARTS[suffix]] = (key, t)
+    todo = []  # (key, weight, factor, a, b): the update is factor * a, or factor * a @ b for a pair
+    for mod, p in parts.items():
+        weight = params.get(f"{mod}.weight", params.get(mod))  # a layer's weight, or a bare parameter (modulation)
+        if "down" in p and "up" in p:
+            alpha = float(p["alpha"][1]) if "alpha" in p else p["down"][1].shape[0]
+            todo.append((p["down"][0], weight, scale * alpha / p["down"][1].shape[0], p["up"][1], p["down"][1]))
+        else:
+            bad += [f"{k} (half a lora_down/lora_up pair)" for part, (k, _) in p.items() if part not in ("diff", "diff_b")]
+        if "diff" in p:
+            todo.append((p["diff"][0], weight, scale, p["diff"][1], None))
+        if "diff_b" in p:
+            todo.append((p["diff_b"][0], params.get(f"{mod}.bias"), scale, p["diff_b"][1], None))
+
+    def shape(a, b):  # the update's shape (None: a pair that does not multiply)
+        if b is None:
+            return tuple(a.shape)
+        return (a.shape[0], b.shape[1]) if a.dim() == b.dim() == 2 and a.shape[1] == b.shape[0] else None
+    bad += [f"{k} (no such weight)" if w is None else f"{k} (an update of {shape(a, b)} for a weight of "
+            f"{tuple(w.shape)})" for k, w, _, a, b in todo if w is None or shape(a, b) != tuple(w.shape)]
+    if bad:
+        more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise ValueError(f"--lora {path}: {len(bad)} key(s) fit no weight of this {dit.cfg.model_type} DiT: "
+                         f"{'; '.join(bad[:8])}{more}. Is it a Wan2.1 LoRA of this checkpoint?")
+    for _, w, f, a, b in todo:
+        d = a.to(w.device).float() if b is None else a.to(w.device).float() @ b.to(w.device).float()
+        w.copy_((w.float() + f * d).to(w.dtype))
+
+
+class BlockStream:
+    """--offload blocks: the DiT's blocks wait in pinned CPU memory and each is copied to the device just before it
+    runs, on a side stream while the block before it computes, then dropped. So a DiT call passes over the weights
+    once and at most two blocks are on the device. On a CPU the same code runs with plain copies and no stream."""
+
+    def __init__(self, dit, device):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if cuda else None
+        self.blocks, self.home, self.ready = dit.blocks, [], {}  # ready: block -> (its weights on the device, event)
+        for i, block in enumerate(self.blocks):
+            self.home.append({k: v.pin_memory() if cuda else v for k, v in block.state_dict().items()})
+            self.place(block, None)
+            block.register_forward_pre_hook(lambda mod, args, i=i: self.enter(i))
+            block.register_forward_hook(lambda mod, args, out: self.place(mod, None))
+
+    @staticmethod
+    def place(block, weights):
+        """Point the block's parameters at weights {name: tensor}, or at empty placeholders (None)."""
+        for name, p in list(block.named_parameters()):
+            mod, _, leaf = name.rpartition(".")
+            t = torch.empty(0, dtype=p.dtype) if weights is None else weights[name]
+            block.get_submodule(mod)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+    def fetch(self, i):
+        """Start copying block i to the device, unless it is there or on its way."""
+        if i < len(self.blocks) and i not in self.ready:
+            with torch.cuda.stream(self.side) if self.side else contextlib.nullcontext():
+                weights = {k: v.to(self.device, non_blocking=True, copy=True) for k, v in self.home[i].items()}
+            self.ready[i] = weights, self.side.record_event() if self.side else None
+
+    def enter(self, i):
+        self.fetch(i)  # block 0 of each call: nothing to overlap with
+        weights, copied = self.ready.pop(i)
+        if copied is not None:  # compute waits for the copy; the memory is not reused before compute is done
+            torch.cuda.current_stream(self.device).wait_event(copied)
+            for t in weights.values():
+                t.record_stream(torch.cuda.current_stream(self.device))
+        self.place(self.blocks[i], weights)
+        self.fetch(i + 1)  # overlaps with block i
+
+
+# -----------------------------------------------------------------------------
+# samplers (README: "How V-PAE works", Inference); x_sigma = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0
 
 
 def shift_sigma(s, shift):
@@ -160,7 +283,7 @@ def sample_student(dit, noise, cond, steps, shift, gen):
 def sample_teacher(dit, noise, cond, neg_context, steps, shift, guide):
     """The baseline: Euler on the flow ODE dx/dsigma = v with CFG, v = v_neg + g (v_cond - v_neg), two batch-1
     forwards per step as official. Grid: official dpm++'s shift(linspace(1, 0, N+1)), which starts at sigma 1
-    (UniPC's starts at 0.999); timesteps int64(1000 sigma), truncated as official (spec section 2)."""
+    (UniPC's starts at 0.999); timesteps int64(1000 sigma), truncated as official."""
     sigmas = [shift_sigma(1 - k / steps, shift) for k in range(steps + 1)]
     x = noise
     for k in bar(range(steps), "DiT"):
@@ -191,6 +314,7 @@ def save_mp4(frames, path):
 
 def prepare(args):
     """Check the request and load the models. Every error a user can cause is raised here, before any compute."""
+    check_device(args.device)
     if args.ckpt_dir is None:
         if not os.path.isdir(DEFAULT_CKPT):
             raise ValueError("no --ckpt_dir given: pass an official Wan2.1 checkpoint directory, e.g. "
@@ -198,9 +322,7 @@ def prepare(args):
         args.ckpt_dir = DEFAULT_CKPT
         log(f"using the bundled demo model {DEFAULT_CKPT} (tiny, moving shapes only); "
             "for real videos pass --ckpt_dir with the official Wan2.1 weights")
-    cfg = load_config(args.ckpt_dir)
-    with open(os.path.join(args.ckpt_dir, "config.json")) as f:  # toy.py's demo names its student, size, ...
-        demo = json.load(f).get("vpae_demo", {})
+    cfg, demo = load_config(args.ckpt_dir), demo_config(args.ckpt_dir)
     if demo.get("student") and args.student is None and not args.teacher:
         args.student = os.path.join(args.ckpt_dir, demo["student"])
     for k, official in (("prompt", ""), ("frames", 81), ("size", "832*480"), ("shift", None), ("guide_scale", 5.0)):
@@ -221,7 +343,7 @@ def prepare(args):
         raise ValueError("text-to-video needs --prompt")
     if args.teacher and args.student:
         raise ValueError("--teacher runs the checkpoint's own DiT: drop --student (or --teacher)")
-    args.steps = args.steps or (50 if args.teacher else 1)
+    args.steps = (50 if args.teacher else 1) if args.steps is None else args.steps
     if args.steps < 1 or (args.tile is not None and args.tile <= 8):
         raise ValueError("--steps must be at least 1 and --tile (latent pixels, 8 of them overlap) more than 8")
     w, h = parse_size(args.size)
@@ -229,24 +351,30 @@ def prepare(args):
     if args.image:
         img = load_image(args.image)
         h, w = target_size(img.shape[1], img.shape[2], w * h)
+        if parse_size(args.size) != (w, h):
+            log(f"--size {args.size} at the shape of {args.image} ({img.shape[2]}x{img.shape[1]}): {w}x{h}, "
+                "the image's aspect ratio at about that area, both sides multiples of 16")
     check_video(args.frames, w, h, f"--size {args.size}" + (f" at the shape of {args.image}" if args.image else ""))
     if args.shift is None:  # official defaults: i2v 3.0 at the 480P sizes, else 5.0; t2v 5.0
         args.shift = 3.0 if model_type == "i2v" and parse_size(args.size) in SIZES_480P else 5.0
     if args.out is None:
-        stem = re.sub(r"[^A-Za-z0-9]+", "_", args.prompt).strip("_")[:48]
-        stem = stem or os.path.splitext(os.path.basename(args.image or "video"))[0]
+        stem = os.path.splitext(os.path.basename(args.image or ""))[0] + "_" + args.prompt[:48]
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_") or "video"
         args.out = f"{stem}_{'teacher' if args.teacher else 'student'}{args.steps}_seed{args.seed}.mp4"
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: the video is written as .mp4, so name it so")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} already exists: pass --overwrite or another --out")
+    loras = [parse_lora(a) for a in args.lora or []]
 
     dt, home = dtypes(args.device), "cpu" if args.offload else args.device  # --offload: models wait in CPU memory
     if args.student is None:
         weight_files(args.ckpt_dir)  # the DiT's files exist (a missing one is named) before anything loads
     t0 = time.time()
     t5, vae, clip = load_encoders(args.ckpt_dir, model_type, home, dt)
-    models = dict(t5=t5, vae=vae, clip=clip, dit=load_dit(args.ckpt_dir, dt["dit"], home, args.student))
+    models = dict(t5=t5, vae=vae, clip=clip, dit=load_dit(args.ckpt_dir, dt["dit"], home, args.student, loras))
+    if args.offload == "blocks":
+        BlockStream(models["dit"], args.device)
     return models, dict(model_type=model_type, w=w, h=h, img=img, load_s=time.time() - t0)
 
 
@@ -290,10 +418,13 @@ def generate(args, models, model_type, w, h, img, load_s):
     del dit
 
     if world == 1 or dist.get_rank() == 0:  # every rank holds the same x0; one decodes and writes
-        video = stage("VAE", vae, lambda vae: vae.decode(x0, lambda it: bar(it, "VAE dec"), args.tile)[0])
+        vae.to(dtype=VAE_DTYPES[args.vae_dtype])  # the decode only: bf16 encoding hurts the I2V condition
+        video = stage("VAE decode", vae, lambda vae: vae.decode(x0, lambda it: bar(it, "VAE dec"), args.tile)[0])
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         write_video(video, args.out)
-        log("time: " + " | ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f" | total {sum(times.values()):.1f}s")
+        total = sum(times.values())
+        log("time: " + " | ".join(f"{k} {v:.1f}s" for k, v in times.items()) +
+            f" | total {total:.1f}s, {total - times['VAE decode']:.1f}s without the VAE decode")
         log(f"wrote {args.out} ({args.frames} frames, {w}x{h}, {FPS} fps)")
     return args.out
 
@@ -312,9 +443,15 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--frames", type=int, help="number of frames, 4n+1 (default 81: 5 s at 16 fps)")
     p.add_argument("--size", help="W*H (default 832*480); I2V: the area, at the image's shape")
-    p.add_argument("--out", help="output .mp4 (default: named after the prompt, sampler and seed)")
+    p.add_argument("--out", help="output .mp4 (default: named after the image, prompt, sampler and seed)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--offload", action="store_true", help="keep each model on the GPU only while it runs")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a Wan LoRA into the DiT at load "
+                   "(scale default 1; repeatable), e.g. distill.py --export_lora's, or a 4-step one with --steps 4")
+    p.add_argument("--offload", nargs="?", const="models", choices=["models", "blocks"],
+                   help="keep each model on the GPU only while it runs; 'blocks': also stream the DiT's blocks from "
+                   "pinned CPU memory, one ahead of the compute (14B in one step on a small GPU)")
+    p.add_argument("--vae_dtype", default="fp32", choices=list(VAE_DTYPES),
+                   help="the VAE decode's dtype (default fp32; encoding stays fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     p.add_argument("--tile", type=int, help="VAE decode in spatial tiles of this many latent pixels (e.g. 32)")
     return p

@@ -4,6 +4,7 @@
   python toy.py --export-assets    # the same (finished stages are reused), then copy the models into assets/
   python toy.py --sweep            # candidate discriminator settings, judged on the validation split only
   python toy.py --quick            # CI, a few minutes: a short distillation of the bundled demo teacher
+  python toy.py --lora-table       # after the pipeline: the V-PAE students as LoRAs at ranks 16, 64 and full
 
 The pipeline: random-weight umT5 and CLIP in the official layout -> a tiny Wan VAE trained as an autoencoder
 -> clips precomputed with data.precompute -> a tiny Wan I2V teacher trained with flow matching -> distill.py
@@ -327,8 +328,7 @@ def train_teacher(ckpt, latents, steps, log, batch_size=32, lr=3e-4):
         D.ema_update(ema, model, 0.999 if step > 500 else 0.0)
         if step % 200 == 0 or step == steps - 1:
             log(f"teacher step {step}: loss {loss.item():.4f}")
-    data.atomic(os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
-                lambda f: save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, f))
+    save_state(ema.state_dict(), os.path.join(ckpt, "diffusion_pytorch_model.safetensors"))
 
 
 def distill_job(job):
@@ -570,9 +570,10 @@ def report(results, times, argv, out, distill_dir, name="results"):
                   "not the test above):", ""]
         lines += [f"- {r}: " + "; ".join(f"{k} " + ", ".join(f"{d:+.2f}" for d in per_seed(results, r, k) - per_seed(
             results, s1, k)) for k in ("fd", "w1", "in_range")) for r in paired]
-    health = disc_health(distill_dir)
+    health = disc_health(distill_dir) if distill_dir else {}
     sig = sorted({k for v in health.values() for k in v["acc"]}, key=float)
-    lines += ["", "Phase II of each distillation run (log.jsonl): hinge loss over the first and last quarter (2 = chance), "
+    lines += [] if not health else [
+              "", "Phase II of each distillation run (log.jsonl): hinge loss over the first and last quarter (2 = chance), "
               "D(real) - D(fake), held-out accuracy at each sigma_d at the end, |grad adv| / |grad C-SDS| at x0_hat:", "",
               "| run | hinge first → last | D(real) - D(fake) | " + " | ".join(f"acc σ={s}" for s in sig) +
               " | grad ratio | |", "|---|---|---|" + "---|" * len(sig) + "---|---|"]
@@ -585,6 +586,59 @@ def report(results, times, argv, out, distill_dir, name="results"):
                      "disc_health": health}, os.path.join(out, name + ".json"))
     print(text)
     return held
+
+
+LORA_RANKS = (16, 64)  # --lora-table, and full rank (the model width)
+
+
+def lora_error(teacher, student, merged):
+    """|merged - student| / |student - teacher| (Frobenius, pooled) over the Linear weights of the blocks."""
+    num = den = 0.0
+    for (name, s), m, t in zip(student.named_parameters(), merged.parameters(), teacher.parameters()):
+        if name.startswith("blocks.") and s.dim() == 2:  # the blocks' only 2-D parameters are Linear weights
+            num, den = num + (m - s).double().square().sum(), den + (s - t).double().square().sum()
+    return float(num / den) ** 0.5
+
+
+def lora_table(ckpt, students, out, log):
+    """--lora-table: each student exported as a LoRA of the teacher (distill.py --export_lora) at LORA_RANKS and
+    full rank, merged back as sample.py --lora does, into OUT/lora/s<seed>/ (rebuilt on each call: seconds, and never
+    stale). Returns {run: [merged file per student]} and the evaluation rows, whose names carry the file size and
+    the weight error (lora_error)."""
+    shutil.rmtree(os.path.join(out, "lora"), ignore_errors=True)
+    teacher, runs = WanModel.from_pretrained(ckpt), {"full": students}
+    rows = [("V-PAE student, 1 step", "full", "x0", 1, 1)]
+    for r in sorted({min(r, teacher.cfg.dim) for r in (*LORA_RANKS, teacher.cfg.dim)}):
+        runs[f"lora{r}"], err = [], []
+        for t, path in enumerate(students):
+            d = os.path.join(out, "lora", f"s{t}")
+            lora, merged = (os.path.join(d, f"{f}{r}.safetensors") for f in ("student_lora_rank", "merged_rank"))
+            os.makedirs(d, exist_ok=True)
+            shutil.copy(path, os.path.join(d, "student.safetensors"))
+            with contextlib.redirect_stdout(io.StringIO()):
+                D.main([f"--teacher={ckpt}", f"--out={d}", f"--export_lora={r}", "--export_dtype=fp32"])
+            model = sample.load_dit(ckpt, torch.float32, "cpu", loras=[(lora, 1.0)])
+            err.append(lora_error(teacher, sample.load_dit(ckpt, torch.float32, "cpu", path), model))
+            save_state(model.state_dict(), merged)
+            runs[f"lora{r}"].append(merged)
+        name = f"LoRA rank {r}{' (full)' if r == teacher.cfg.dim else ''}, {os.path.getsize(lora) / 2**20:.1f} MiB, " \
+               f"weight error {np.mean(err):.3f}, 1 step"
+        rows.append((name, f"lora{r}", "x0", 1, 1))
+        log(f"{name}: weight error per student " + ", ".join(f"{e:.4f}" for e in err))
+    # the full-rank LoRA as diffusers loads it: its Wan converter drops every difference but the Linears' (norms,
+    # modulations, patch embedding; it logs that it does)
+    lin = {n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)}
+    t_sd, runs["diffusers"] = teacher.state_dict(), []
+    for merged in runs[rows[-1][1]]:
+        sd = WanModel.from_pretrained(ckpt, weights=merged).state_dict()
+        runs["diffusers"].append(merged.replace("merged_rank", "diffusers_rank"))
+        save_state({k: v if k.rpartition(".")[0] in lin else t_sd[k] for k, v in sd.items()}, runs["diffusers"][-1])
+    rows.append(("LoRA full rank, what diffusers keeps of it, 1 step", "diffusers", "x0", 1, 1))
+    return runs, rows
+
+
+def save_state(sd, path):
+    data.atomic(path, lambda f: save_file({k: v.contiguous() for k, v in sd.items()}, f))
 
 
 def export_assets(out):
@@ -621,6 +675,8 @@ def main(argv=None):
     p.add_argument("--export-assets", action="store_true", help="after the pipeline, copy its models into assets/")
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), metavar="NAMES",
                    help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
+    p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier"
+                   " run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the eval split")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
@@ -632,6 +688,11 @@ def main(argv=None):
     if args.seeds:
         cfg["train_seeds"] = tuple(range(args.seeds))
     out = os.path.abspath(args.out or os.path.join(ROOT, "run", "toy-quick" if args.quick else "toy"))
+    students = [os.path.join(ROOT, "assets", "demo", "student.safetensors")] if args.quick else [
+        os.path.join(out, "distill", f"full_s{t}", "student.safetensors") for t in cfg["train_seeds"]]
+    if args.lora_table and not all(map(os.path.isfile, students)):
+        sys.exit(f"toy.py --lora-table: {next(s for s in students if not os.path.isfile(s))} not found: run "
+                 f"`python toy.py{' --export-assets' if args.quick else ''}` first")
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     times, t_all = {}, time.time()
 
@@ -664,7 +725,7 @@ def main(argv=None):
     sets = {"train": ([seen[i] for i in np.random.default_rng(0).integers(len(seen), size=cfg["train_clips"])], 0, 1),
             "eval": (eval_combos(cfg["eval_clips"]), EVAL_SEED, EVAL_SPEEDS),
             "val": (eval_combos(cfg["eval_clips"], seed=2), VAL_SEED, EVAL_SPEEDS)}
-    for name, (combos, seed, speeds) in sets.items():
+    for name, (combos, seed, speeds) in sets.items() if not args.lora_table else [("eval", sets["eval"])]:
         videos, latents = os.path.join(out, f"{name}_videos"), os.path.join(out, f"{name}_latents")
         stage(f"{name} clips", os.path.join(videos, "captions.jsonl"),
               lambda: write_videos(videos, *make_clips(combos, seed, speeds)))
@@ -674,6 +735,15 @@ def main(argv=None):
     if not args.quick:
         stage("teacher", os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
               lambda: train_teacher(ckpt, train_lat, cfg["teacher_steps"], lambda m: print(m, flush=True)))
+
+    if args.lora_table:
+        t0 = time.time()
+        runs, rows = lora_table(ckpt, students, out, log)
+        times["export"], t0 = time.time() - t0, time.time()
+        results, _ = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, runs, cfg, log, rows)
+        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
+        report(results, times, argv, out, None, "lora_table")
+        return results
 
     steps = [f"--phase1_steps={cfg['phase1']}", f"--phase2_steps={cfg['phase2']}"]
     runs = {"full": []} if args.quick else {f"sweep_{k}": SWEEP[k] for k in args.sweep.split(",")} if args.sweep else RUNS

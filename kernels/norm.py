@@ -1,6 +1,6 @@
 """LayerNorm (no affine) + adaLN modulation, fused: y = LN(x) * (1 + scale) + shift.
 
-Wan runs this before every self-attention and FFN on the fp32 residual stream (spec section 1.4):
+Wan runs this before every self-attention and FFN on the fp32 residual stream:
 unfused it is a layer_norm, a multiply and an add, each reading and writing [B, L, D] in fp32. Here each
 program reads a tile of token rows once, takes mean and variance in fp32 (biased, like F.layer_norm),
 modulates with the per-sample shift/scale [B, 1, D] and writes y once, in `out_dtype` (e.g. bf16 for

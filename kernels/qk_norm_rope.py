@@ -7,7 +7,7 @@ as [B, L, H, D/H] in x's dtype. The unfused version reads and writes the [B, L, 
 in fp32. The pairs are loaded as a (D/2, 2) tile and split, so memory access stays contiguous.
 The backward recomputes the RMS from x (nothing but the inputs is saved), un-rotates dY with the
 transposed rotation, and reduces dWeight over tokens in per-program fp32 partials (deterministic).
-Reference: Wan2.1 WanRMSNorm + rope_apply (spec section 1.4-1.5), `qk_norm_rope_ref` below.
+Reference: Wan2.1's WanRMSNorm + rope_apply, as `qk_norm_rope_ref` below.
 """
 import torch
 
