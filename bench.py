@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -243,7 +244,6 @@ def _build(fn, args, kwargs, arch):
     """One launch built to cubin for `arch` as triton's launcher would specialize it: (cache key, ptxas's report)."""
     import contextlib
     import io
-    import re
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -405,7 +405,7 @@ def sample_run(root, tiny):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("time: "))
     *stages, total = line[6:].split(" | ")  # "name 1.2s | ... | total 3.4s, 2.1s without the VAE decode"
     times = {k: float(v.rstrip("s")) for k, v in (part.rsplit(" ", 1) for part in stages)}
-    t_all, t_no_vae = (float(w.split()[-1 if i == 0 else 0].rstrip("s")) for i, w in enumerate(total.split(", ")))
+    t_all, t_no_vae = (float(w) for w in re.findall(r"([\d.]+)s", total))
     res = dict(stage_s=times, total_s=t_all, without_vae_decode_s=t_no_vae)
     print(f"sample.py one step, demo weights: {res}")
     return res
