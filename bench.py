@@ -489,7 +489,8 @@ def distill_steps(mc, cfg, device, mesh, sp_group, frames, size):
     from unittest import mock
     import distill
     from model import WanModel
-    with mock.patch.object(distill.WanModel, "from_pretrained", lambda *a, **k: WanModel(mc)), \
+    frozen = lambda *a, **k: WanModel(mc).eval().requires_grad_(False)  # as from_pretrained returns it  # noqa: E731
+    with mock.patch.object(distill.WanModel, "from_pretrained", frozen), \
             mock.patch("torch.distributed.device_mesh.init_device_mesh", lambda *a, **k: mesh):
         m = distill.Models(cfg, device, sp_group)
     # foreach=False: with foreach the tracker inflates the step (the pitfall); a GPU would use foreach

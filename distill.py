@@ -387,6 +387,11 @@ def shard(model, device, cfg):
     return model
 
 
+def tap_blocks(n_layers, k):
+    """The k blocks whose outputs D reads, evenly spaced and ending at the last: 9, 19, 29, 39 of 40."""
+    return sorted({max(0, (i + 1) * n_layers // k - 1) for i in range(k)})
+
+
 class Models:
     """The generator G, its EMA E, the teacher T with the fake-score LoRA, the discriminator heads, the D backbone."""
 
@@ -394,8 +399,7 @@ class Models:
         load = lambda: WanModel.from_pretrained(cfg.teacher)  # fp32 memory-mapped; FSDP moves each rank's shard
         self.gen, self.ema, self.teacher = load().requires_grad_(True).train(), load(), load()
         self.lora = add_lora(self.teacher, cfg.lora_rank)
-        n = self.gen.cfg.num_layers
-        taps = sorted({max(0, (k + 1) * n // cfg.disc_taps - 1) for k in range(cfg.disc_taps)})  # 9,19,29,39 of 40
+        taps = tap_blocks(self.gen.cfg.num_layers, cfg.disc_taps)
         self.disc = Discriminator(self.gen.cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
         self.live = load() if cfg.disc_backbone == "live" else None  # a frozen copy of G, synced every step
         for mdl in (self.gen, self.ema, self.teacher, self.live):
@@ -714,8 +718,12 @@ def main(argv, launch=None):
             dist.destroy_process_group()
             sys.exit(1 if bad >= cfg.max_bad_steps else 0)
     export_student(cfg, m)
+    for f in (log, tb):  # closed here: under torchrun the process ends with os._exit (D.end_rank)
+        if f is not None:
+            f.close()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    D.end_rank()

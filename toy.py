@@ -431,6 +431,29 @@ def evaluate(ckpt, latents, combos, seed, students, cfg, log, rows=ROWS):
     return results, strip
 
 
+@torch.no_grad()
+def backbone_drift(ckpt, students, latents, sigma=0.25):
+    """How much D's backbone choice can matter: the EMA student (V-PAE's backbone) against the frozen teacher (the
+    ablation's), per student. Returns (weight, features, signal): |EMA - teacher| / |teacher| over all the blocks'
+    weights (Frobenius, pooled); the same for their features at distill's default taps, on the real clips of `latents` noised at sigma;
+    and, for scale, how far apart the teacher's features of a real clip and of the student's sample of its
+    condition are (the difference D has to see), with the same noise."""
+    x, ds = load_all(latents)
+    batch = D.prepare(x, ds.neg_context, DIT["text_len"], "cpu")
+    teacher, cond = WanModel.from_pretrained(ckpt), batch["cond"]
+    taps, s = D.tap_blocks(teacher.cfg.num_layers, D.Config.disc_taps), torch.full((len(x["latent"]),), sigma)
+    eps = torch.randn(x["latent"].shape, generator=torch.Generator().manual_seed(0))
+    feats = lambda m, x0: D.run(m, (1 - sigma) * x0 + sigma * eps, s, cond, taps=taps)[1]  # noqa: E731
+    rel = lambda a, b: float(sum((u - v).square().sum() for u, v in zip(a, b)) / sum(v.square().sum() for v in b)) ** 0.5  # noqa: E731
+    blocks = lambda m: [p for n, p in m.named_parameters() if n.startswith("blocks.")]  # noqa: E731
+    ref, out = feats(teacher, x["latent"]), []
+    for path in students:
+        st = sample.load_dit(ckpt, torch.float32, "cpu", path)
+        fake = generate(st, "x0", 1, cond, batch["neg"]["context"], 0)
+        out.append((rel(blocks(st), blocks(teacher)), rel(feats(st, x["latent"]), ref), rel(feats(teacher, fake), ref)))
+    return out
+
+
 def frame_strip(strip, path, clips=(0, 1, 12), frames=(0, 4, 8, 12, 16)):
     """A PNG: for each of `clips`, one row per entry of strip (name -> clips), frames side by side, 2x nearest
     upscaled, the name on the left (Pillow comes with imageio)."""
@@ -556,7 +579,7 @@ def fmt_row(results, row):
     return f"| {row} | {results[row]['nfe']} | " + " | ".join(cells) + " |"
 
 
-def report(results, times, argv, out, distill_dir, name="results"):
+def report(results, times, argv, out, distill_dir, name="results", drift=()):
     info = machine()
     lines = [f"command: `python toy.py {' '.join(argv)}`  ",
              f"machine: {info['cpus']} CPU cores ({info['cpu']}), torch {info['torch']}, {info['threads']} threads; "
@@ -575,6 +598,10 @@ def report(results, times, argv, out, distill_dir, name="results"):
                   "not the test above):", ""]
         lines += [f"- {r}: " + "; ".join(f"{k} " + ", ".join(f"{d:+.2f}" for d in per_seed(results, r, k) - per_seed(
             results, s1, k)) for k in ("fd", "w1", "in_range")) for r in paired]
+    lines += [] if not drift else ["", "D's backbone, EMA student against frozen teacher (backbone_drift, validation "
+                                   "clips at sigma_d 0.25), per training seed: weights apart / tapped features apart / "
+                                   "teacher's features of real vs generated clips apart, each relative to the norm: " +
+                                   "; ".join(" / ".join(f"{v:.3f}" for v in d) for d in drift)]
     health = disc_health(distill_dir) if distill_dir else {}
     sig = sorted({k for v in health.values() for k in v["acc"]}, key=float)
     lines += [] if not health else [
@@ -788,15 +815,17 @@ def main(argv=None):
     if args.sweep:  # the student of each candidate, on the validation split only
         rows = [(f"{k}, 1 step", k, "x0", 1, 1) for k in runs]
         results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
+        drift = backbone_drift(ckpt, students["full"], val_lat)
         times["eval"], times["total"] = time.time() - t0, time.time() - t_all
-        report(results, times, argv, out, d, "sweep")
+        report(results, times, argv, out, d, "sweep", drift)
         return results
     results, strip = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, students, cfg, log,
                               QUICK_ROWS if args.quick else ROWS)
     frame_strip(strip, os.path.join(out, "strip.png"))
+    drift = [] if args.quick else backbone_drift(ckpt, students["full"], val_lat)
     times["eval"] = time.time() - t0
     times["total"] = time.time() - t_all
-    held = report(results, times, argv, out, d)
+    held = report(results, times, argv, out, d, drift=drift)
     if args.export_assets:
         export_assets(out)
     failed = [s for s, ok in held if not ok]
