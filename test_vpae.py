@@ -1596,10 +1596,11 @@ def test_toy_speed_metric():
     expect = travel * 16 / (np.array(toy.SPEED_GRID) - 1)
     assert np.abs(real - expect).max() < 1.0  # the centroid tracks the drawn motion to a pixel
     assert toy.speed_metrics(real[:, 5], real) == {"in_range": 1.0, "w1": pytest.approx(
-        np.mean(np.abs(np.sort(np.repeat(real[:, 5], 34)) - np.sort(real.ravel()))))}
+        np.mean(np.abs(np.sort(np.repeat(real[:, 5], 34)) - np.sort(real.ravel())))), "slow": 0.0,
+        "ratio": pytest.approx(real[:, 5].mean() / real.mean())}
     assert toy.speed_metrics(real[:, 0], real)["in_range"] == 1.0 and toy.speed_metrics(real[:, -1], real)["in_range"] == 1.0
-    for bad in (np.zeros(3), real[:, 0] + 3, -real[:, 5], np.full(3, np.nan)):  # still, too fast, backwards, lost
-        assert toy.speed_metrics(bad, real)["in_range"] == 0.0
+    for bad, slow in zip((np.zeros(3), real[:, 0] + 3, -real[:, 5], np.full(3, np.nan)), (1, 0, 1, 1)):  # still, too
+        assert toy.speed_metrics(bad, real)["in_range"] == 0.0 and toy.speed_metrics(bad, real)["slow"] == slow  # fast, ...
     w = [toy.speed_metrics(real[:, 10] * f, real)["w1"] for f in (1.0, 0.5, 0.0)]
     assert w[0] < w[1] < w[2] and toy.speed_metrics(np.full(3, np.nan), real)["w1"] == w[2]  # untracked counts as still
 

@@ -123,14 +123,18 @@ def speed_metrics(along, real_along, tol=1.0):
     - in_range: the fraction of clips whose displacement lies within [min, max] of its condition's real ones,
       +- tol pixels (an untracked clip is outside);
     - w1: the 1-D Wasserstein distance in pixels between all generated displacements (untracked = 0: nothing
-      seen to move) and all real ones, pooled over conditions (every condition shares one speed distribution)."""
+      seen to move) and all real ones, pooled over conditions (every condition shares one speed distribution);
+    and two diagnostics of W1's direction, added after the speed gap was found and kept out of the table:
+    - slow: the fraction of clips below their condition's range (untracked included), of 1 - in_range;
+    - ratio: the mean generated displacement over the mean real one (untracked = 0)."""
     along = np.asarray(along, np.float64)
     lo, hi = real_along.min(1) - tol, real_along.max(1) + tol
     inside = (along >= lo) & (along <= hi)  # False for nan
     g, r = np.sort(np.nan_to_num(along, nan=0.0)), np.sort(real_along.ravel())
     xs = np.sort(np.concatenate([g, r]))  # W1 = the integral of |F_g - F_r| over x, exactly
     cdf = lambda v: np.searchsorted(v, xs[:-1], side="right") / len(v)  # noqa: E731
-    return {"in_range": float(inside.mean()), "w1": float(np.sum(np.abs(cdf(g) - cdf(r)) * np.diff(xs)))}
+    return {"in_range": float(inside.mean()), "w1": float(np.sum(np.abs(cdf(g) - cdf(r)) * np.diff(xs))),
+            "slow": float(np.mean(~(np.nan_to_num(along, nan=-np.inf) >= lo))), "ratio": float(g.mean() / r.mean())}
 
 
 def consistency(video, colour, ref_area, tol=0.3):
