@@ -56,6 +56,7 @@ class Config:
     beta2: float = 0.99  # see beta1
     sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]; 0 = off
     shift: float = 3.0  # re-noising shift for DMD and C-SDS: the task's Wan sample shift [choice]; 5 for 720p/t2v
+    #   (C-SDS at shift 1 in Phase II was no better on the toy's speed, on validation)
     guide_scale: float = 5.0  # teacher CFG w [choice, Wan default]
     k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
     lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
@@ -69,7 +70,7 @@ class Config:
     disc_queries: int = 4  # learnable query tokens per head [choice]
     disc_width: int = 0  # head width; 0 = the backbone's dim, at most 1024 (1024 at 1.3B and 14B, 128 on the toy) [ours]
     semantic: bool = True  # the semantic self-attention over image/text tokens in each head [paper]
-    lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]
+    lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]; 3 was no better on the toy's speed (validation)
     lambda_adv: float = 1.0  # weight of the adversarial term in L_G; 0 = C-SDS alone, a control [ours]
     lambda_r1: float = 1.0  # weight of the spatio-temporal R1 [choice]
     r1_sigma_s: float = 0.01  # STR1 spatial perturbation [paper]
