@@ -646,7 +646,7 @@ def memory(a):
     print("per-GPU memory of distill.py's steps from PyTorch's FSDPMemTracker "
           "(torch.distributed._tools.fsdp2_mem_tracker) on fake tensors, rank 0 of a fake process group: the tensors "
           "alone, without the CUDA context, NCCL buffers or allocator fragmentation; FLOPs from "
-          "torch.utils.flop_counter.FlopCounterMode in the same pass")
+          "torch.utils.flop_counter.FlopCounterMode in a second pass of each step")
     t0 = time.perf_counter()
     cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp)]
     procs = [subprocess.Popen(_case_args(*c, "cuda", a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1599,8 +1599,9 @@ def test_toy_speed_metric():
         np.mean(np.abs(np.sort(np.repeat(real[:, 5], 34)) - np.sort(real.ravel())))), "slow": 0.0,
         "ratio": pytest.approx(real[:, 5].mean() / real.mean())}
     assert toy.speed_metrics(real[:, 0], real)["in_range"] == 1.0 and toy.speed_metrics(real[:, -1], real)["in_range"] == 1.0
-    for bad, slow in zip((np.zeros(3), real[:, 0] + 3, -real[:, 5], np.full(3, np.nan)), (1, 0, 1, 1)):  # still, too
-        assert toy.speed_metrics(bad, real)["in_range"] == 0.0 and toy.speed_metrics(bad, real)["slow"] == slow  # fast, ...
+    cases = (np.zeros(3), real[:, 0] + 3, -real[:, 5], np.full(3, np.nan))  # still, too fast, backwards, lost
+    for bad, slow in zip(cases, (1, 0, 1, 1)):
+        assert toy.speed_metrics(bad, real)["in_range"] == 0.0 and toy.speed_metrics(bad, real)["slow"] == slow
     w = [toy.speed_metrics(real[:, 10] * f, real)["w1"] for f in (1.0, 0.5, 0.0)]
     assert w[0] < w[1] < w[2] and toy.speed_metrics(np.full(3, np.nan), real)["w1"] == w[2]  # untracked counts as still
 

@@ -134,7 +134,7 @@ def speed_metrics(along, real_along, tol=1.0):
     xs = np.sort(np.concatenate([g, r]))  # W1 = the integral of |F_g - F_r| over x, exactly
     cdf = lambda v: np.searchsorted(v, xs[:-1], side="right") / len(v)  # noqa: E731
     return {"in_range": float(inside.mean()), "w1": float(np.sum(np.abs(cdf(g) - cdf(r)) * np.diff(xs))),
-            "slow": float(np.mean(~(np.nan_to_num(along, nan=-np.inf) >= lo))), "ratio": float(g.mean() / r.mean())}
+            "slow": float(np.mean(~(along >= lo))), "ratio": float(g.mean() / r.mean())}  # nan >= lo is False
 
 
 def consistency(video, colour, ref_area, tol=0.3):
@@ -439,16 +439,18 @@ def evaluate(ckpt, latents, combos, seed, students, cfg, log, rows=ROWS):
 def backbone_drift(ckpt, students, latents, sigma=0.25):
     """How much D's backbone choice can matter: the EMA student (V-PAE's backbone) against the frozen teacher (the
     ablation's), per student. Returns (weight, features, signal): |EMA - teacher| / |teacher| over all the blocks'
-    weights (Frobenius, pooled); the same for their features at distill's default taps, on the real clips of `latents` noised at sigma;
-    and, for scale, how far apart the teacher's features of a real clip and of the student's sample of its
-    condition are (the difference D has to see), with the same noise."""
+    weights (Frobenius, pooled); the same for their features at distill's default taps, on the real clips of
+    `latents` noised at sigma; and, for scale, how far apart the teacher's features of a real clip and of the
+    student's sample of its condition are (the difference D has to see), with the same noise."""
     x, ds = load_all(latents)
     batch = D.prepare(x, ds.neg_context, DIT["text_len"], "cpu")
     teacher, cond = WanModel.from_pretrained(ckpt), batch["cond"]
     taps, s = D.tap_blocks(teacher.cfg.num_layers, D.Config.disc_taps), torch.full((len(x["latent"]),), sigma)
     eps = torch.randn(x["latent"].shape, generator=torch.Generator().manual_seed(0))
     feats = lambda m, x0: D.run(m, (1 - sigma) * x0 + sigma * eps, s, cond, taps=taps)[1]  # noqa: E731
-    rel = lambda a, b: float(sum((u - v).square().sum() for u, v in zip(a, b)) / sum(v.square().sum() for v in b)) ** 0.5  # noqa: E731
+    def rel(a, b):  # |a - b| / |b| over lists of tensors, pooled
+        return float(sum((u - v).square().sum() for u, v in zip(a, b)) / sum(v.square().sum() for v in b)) ** 0.5
+
     blocks = lambda m: [p for n, p in m.named_parameters() if n.startswith("blocks.")]  # noqa: E731
     ref, out = feats(teacher, x["latent"]), []
     for path in students:
