@@ -164,16 +164,54 @@ def dit_latency(dev, tiny):
     cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else PRESETS["i2v-14B"]
     F_, H, W = (2, 4, 4) if tiny else (21, 60, 104)  # latent of 81 frames at 832x480
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    with torch.device(dev):
-        m = WanModel(cfg).to(dt).eval()
-        x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
-        ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
-        t = torch.tensor([999])
+
+    def build():
+        with torch.device(dev):
+            m = WanModel(cfg).eval()
+            for p in m.parameters():  # in place: on fake tensors .to() would swap tensors FakeTensorMode holds weakrefs to
+                p.data = p.data.to(dt)
+            x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
+            ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
+            t = torch.tensor([999])
+        return lambda: m(x, t, ctx, clip, y)
+
     with torch.no_grad():
-        ms = timer(lambda: m(x, t, ctx, clip, y))
-    print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {F_ * H * W // 4} tokens, {dt}: {ms:.1f} ms per NFE; "
-          f"1 step (1 NFE) {ms / 1e3:.2f} s vs 50 steps with CFG (100 NFE, from the per-NFE time) {ms / 10:.1f} s")
-    return dict(tokens=F_ * H * W // 4, forward_ms=ms)
+        ms = timer(build())
+        res = dict(tokens=F_ * H * W // 4, forward_ms=ms) | mfu(fake_flops(lambda: build()()), ms / 1e3)
+    print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {res['tokens']} tokens, {dt}: {ms:.1f} ms per NFE "
+          f"({_mfu_str(res)}); 1 step (1 NFE) {ms / 1e3:.2f} s vs 50 steps with CFG (100 NFE, from the per-NFE time) "
+          f"{ms / 10:.1f} s")
+    return res
+
+
+def fake_flops(run):
+    """FLOPs of run() counted on fake tensors (no memory, no time), through the PyTorch path of the kernels: the
+    Triton kernels do the same matmuls, and FlopCounterMode cannot see inside them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import kernels
+    mode, kernels.MODE = kernels.MODE, "torch"
+    try:
+        with FakeTensorMode(), flop_counter() as fc:
+            run()
+    finally:
+        kernels.MODE = mode
+    return fc.get_total_flops()
+
+
+def peak_tflops(name):
+    """The card's dense bf16 tensor-core peak from NVIDIA's datasheets, or None when this table does not know it."""
+    return next((v for k, v in PEAK_TFLOPS.items() if all(w in name for w in k.split())), None)
+
+
+def mfu(flops, seconds):
+    """Achieved TFLOP/s and, on a card peak_tflops knows, the model FLOPs utilisation against its dense bf16 peak."""
+    peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    tf = flops / seconds / 1e12
+    return dict(flops=flops, tflops_s=tf, mfu=tf / peak if peak else None)
+
+
+def _mfu_str(r):
+    return f"{r['flops'] / 1e12:.3g} TFLOP, {r['tflops_s']:.3g} TFLOP/s" + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "")
 
 
 def kernels_bench(tiny):
@@ -349,8 +387,10 @@ def dit_memory(dev, tiny):
         step()
         torch.cuda.synchronize()
         res |= dict(measured_peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_bwd_s=time.perf_counter() - t0)
+        res |= mfu(fake_flops(step), res["fwd_bwd_s"])  # checkpointing's recomputed forward counts as done work
     print(f"DiT forward + backward, {res['blocks']} blocks, {res['tokens']} tokens, checkpointing, {dt}: " +
-          ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+          ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
+                    if k not in ("flops", "tflops_s", "mfu")) + (f"; {_mfu_str(res)}" if "flops" in res else ""))
     return res
 
 
@@ -635,7 +675,9 @@ def memory_validate(a):
               f"{(p['peak']['Total'] - p['start']) / 2**30:31.3f} {r['peak_above_start'] / 2**30:13.3f}")
 
 
-PEAK_TFLOPS = {"H100 SXM": 989.4, "H200 SXM": 989.4}  # dense bf16 tensor-core peak, NVIDIA's datasheets
+# dense bf16 tensor-core peak TFLOP/s, NVIDIA's datasheets, keyed by words of torch.cuda.get_device_name()
+# ("NVIDIA H100 80GB HBM3" is the SXM card); the first two are the roofline floor's
+PEAK_TFLOPS = {"H100 HBM3": 989.4, "H200": 989.4, "H100 PCIe": 756.5, "A100": 312.0}
 
 
 def memory(a):
@@ -675,7 +717,7 @@ def memory(a):
                   f"  does not fit {gb} GB GPUs at sp {sp}")
         for r in rows:  # the roofline floor: this GPU's FLOPs at the dense bf16 peak
             print(f"  {r['step']:37s} {r['flops'] / 1e12:9.1f} TFLOP per GPU; floor " + ", ".join(
-                f"{k} {r['flops'] / v / 1e12:.2f} s" for k, v in PEAK_TFLOPS.items()))
+                f"{k} {r['flops'] / v / 1e12:.2f} s" for k, v in list(PEAK_TFLOPS.items())[:2]))
 
 
 def dit_child(a):

@@ -2371,6 +2371,14 @@ def test_memory_tracker_sees_distill_models_and_steps():
     assert rows[2]["flops"] > rows[3]["flops"]  # the G step runs the generator, backbone and teacher, and backward
 
 
+def test_fake_flops_and_peaks():
+    """bench's MFU parts: FLOPs counted on fake tensors (a matmul is 2 m n k) and the datasheet peak by card name."""
+    import bench
+    assert bench.fake_flops(lambda: torch.nn.Linear(48, 32, bias=False)(torch.randn(8, 48))) == 2 * 8 * 48 * 32
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == bench.peak_tflops("NVIDIA H200") == 989.4
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.5 and bench.peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
 def test_gpu_acceptance_run_tiny(tmp_path):
     """bench.py gpu --tiny: the whole GPU acceptance run at tiny sizes on CPU (interpreted), one call, its JSON."""
     pytest.importorskip("triton")
@@ -2382,5 +2390,6 @@ def test_gpu_acceptance_run_tiny(tmp_path):
     for key in ("attention_check", "attention_speed", "fused_ops", "dit_forward", "dit_train_memory", "distill", "sample"):
         assert s[key], key
     assert s["distill"]["steps"] == 4 and s["distill"]["exported"]
+    assert s["dit_forward"]["flops"] > 0 and s["dit_forward"]["tflops_s"] > 0 and s["dit_forward"]["mfu"] is None  # CPU
     assert s["dit_train_memory"]["tracked_peak_gib"] > 0 and "DiT" in s["sample"]["stage_s"]
     assert 0 < s["sample"]["without_vae_decode_s"] < s["sample"]["total_s"]
