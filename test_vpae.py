@@ -1672,6 +1672,8 @@ def test_toy_quick_benchmark(tmp_path):
     results = toy.main(["--quick", "--out", str(tmp_path / "quick")])
     assert np.mean(results["V-PAE student, 1 step"]["fd"]) < np.mean(results["teacher, 1 step, no CFG"]["fd"])
     assert os.path.isfile(tmp_path / "quick" / "results.md") and os.path.isfile(tmp_path / "quick" / "strip.png")
+    health = json.loads((tmp_path / "quick" / "results.json").read_text())["disc_health"]["full_s0"]
+    assert 0 <= health["caption_acc"] <= 1  # disc_caption found the run's last checkpoint and scored its D
 
 
 def test_demo_assets_small_and_in_official_layout():

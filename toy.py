@@ -461,6 +461,34 @@ def backbone_drift(ckpt, students, latents, sigma=0.25):
     return out
 
 
+def disc_caption(ckpt, distill_dir, latents, sigma=0.25):
+    """{run: how much the run's final D uses the caption}: the fraction of the real clips of `latents` that D scores
+    higher with their own caption than with the next clip's (the text contexts rolled by one; a tie counts half),
+    both at the same noise sigma_d; 0.5 = the caption does not reach D's verdict. The heads come from the run's last
+    checkpoint, the backbone is the run's (the EMA, which is its exported student, or the frozen teacher)."""
+    import torch.distributed.checkpoint as dcp
+    from model import Discriminator
+    x, ds = load_all(latents)
+    cond = D.prepare(x, ds.neg_context, DIT["text_len"], "cpu")["cond"]
+    eps = torch.randn(x["latent"].shape, generator=torch.Generator().manual_seed(0))
+    x_d, s = (1 - sigma) * x["latent"] + sigma * eps, torch.full((len(eps),), sigma)
+    teacher, out = WanModel.from_pretrained(ckpt), {}
+    for run in sorted(os.listdir(distill_dir)) if os.path.isdir(distill_dir) else []:
+        ck, student = D.latest_ckpt(os.path.join(distill_dir, run)), os.path.join(distill_dir, run, "student.safetensors")
+        if not ck or not os.path.isfile(student):
+            continue
+        c = D.Config(**json.load(open(os.path.join(ck, "config.json"))))
+        heads = Discriminator(teacher.cfg.dim, D.tap_blocks(teacher.cfg.num_layers, c.disc_taps), c.disc_width,
+                              c.disc_queries, c.semantic)
+        dcp.load({"disc": heads.state_dict()}, checkpoint_id=ck, no_dist=True)  # in place, into the heads' tensors
+        backbone = teacher if c.disc_backbone == "teacher" else sample.load_dit(ckpt, torch.float32, "cpu", student)
+        m = argparse.Namespace(backbone=backbone, disc=heads)
+        with torch.no_grad():
+            own, other = (D.disc(m, x_d, s, dict(cond, context=ctx)) for ctx in (cond["context"], cond["context"].roll(1, 0)))
+        out[run] = float(((own > other).float() + 0.5 * (own == other).float()).mean())
+    return out
+
+
 def frame_strip(strip, path, clips=(0, 1, 12), frames=(0, 4, 8, 12, 16)):
     """A PNG: for each of `clips`, one row per entry of strip (name -> clips), frames side by side, 2x nearest
     upscaled, the name on the left (Pillow comes with imageio)."""
@@ -553,10 +581,11 @@ def cpu_name():
 CHANCE = 0.6  # a discriminator whose best held-out accuracy at the end of Phase II is below this is "at chance"
 
 
-def disc_health(distill_dir):
+def disc_health(distill_dir, caption=None):
     """{run: summary of its Phase II from log.jsonl}: the hinge loss over the first and the last quarter of the
-    logged steps (2 = chance), D(real) - D(fake), the final held-out accuracy at each fixed sigma_d, and the ratio
-    of the norms of the adversarial and the C-SDS gradients at x0_hat (how hard each term pushes G)."""
+    logged steps (2 = chance), D(real) - D(fake), the final held-out accuracy at each fixed sigma_d, the ratio
+    of the norms of the adversarial and the C-SDS gradients at x0_hat (how hard each term pushes G), and the
+    run's entry of caption (disc_caption), if given."""
     stats = {}
     for run in sorted(os.listdir(distill_dir)) if os.path.isdir(distill_dir) else []:
         path = os.path.join(distill_dir, run, "log.jsonl")
@@ -571,7 +600,8 @@ def disc_health(distill_dir):
                       "margin": mean("d_real") - mean("d_fake"), "acc": acc,
                       "grad_ratio": float(np.mean([e["gx_adv"] / e["gx_csds"] for e in steps]))  # nan: no C-SDS
                       if all(e["gx_csds"] > 0 for e in steps) else float("nan"),
-                      "at_chance": bool(acc) and max(acc.values()) < CHANCE}
+                      "at_chance": bool(acc) and max(acc.values()) < CHANCE,
+                      "caption_acc": (caption or {}).get(run, float("nan"))}
     return stats
 
 
@@ -586,7 +616,7 @@ def fmt_row(results, row):
     return f"| {row} | {results[row]['nfe']} | " + " | ".join(cells) + " |"
 
 
-def report(results, times, argv, out, distill_dir, name="results", drift=()):
+def report(results, times, argv, out, distill_dir, name="results", drift=(), caption=None):
     info = machine()
     lines = [f"command: `python toy.py {' '.join(argv)}`  ",
              f"machine: {info['cpus']} CPU cores ({info['cpu']}), torch {info['torch']}, {info['threads']} threads; "
@@ -609,16 +639,18 @@ def report(results, times, argv, out, distill_dir, name="results", drift=()):
                                    "clips at sigma_d 0.25), per training seed: weights apart / tapped features apart / "
                                    "teacher's features of real vs generated clips apart, each relative to the norm: " +
                                    "; ".join(" / ".join(f"{v:.3f}" for v in d) for d in drift)]
-    health = disc_health(distill_dir) if distill_dir else {}
+    health = disc_health(distill_dir, caption) if distill_dir else {}
     sig = sorted({k for v in health.values() for k in v["acc"]}, key=float)
     lines += [] if not health else [
               "", "Phase II of each distillation run (log.jsonl): hinge loss over the first and last quarter (2 = chance), "
-              "D(real) - D(fake), held-out accuracy at each sigma_d at the end, |grad adv| / |grad C-SDS| at x0_hat:", "",
+              "D(real) - D(fake), held-out accuracy at each sigma_d at the end, |grad adv| / |grad C-SDS| at x0_hat, the final "
+              "D's caption accuracy (disc_caption: own caption over another's, real validation clips, sigma_d 0.25):", "",
               "| run | hinge first → last | D(real) - D(fake) | " + " | ".join(f"acc σ={s}" for s in sig) +
-              " | grad ratio | |", "|---|---|---|" + "---|" * len(sig) + "---|---|"]
+              " | grad ratio | caption acc | |", "|---|---|---|" + "---|" * len(sig) + "---|---|---|"]
     lines += [f"| {run} | {v['hinge_first']:.3f} → {v['hinge_last']:.3f} | {v['margin']:.3f} | " +
               " | ".join(f"{v['acc'].get(s, float('nan')):.2f}" for s in sig) +
-              f" | {v['grad_ratio']:.3f} | {'D AT CHANCE' if v['at_chance'] else ''} |" for run, v in health.items()]
+              f" | {v['grad_ratio']:.3f} | {v['caption_acc']:.2f} | {'D AT CHANCE' if v['at_chance'] else ''} |"
+              for run, v in health.items()]
     text = "\n".join(lines) + "\n"
     data.write_text(text, os.path.join(out, name + ".md"))
     data.write_json({"argv": argv, "machine": info, "times_s": times, "results": results, "checks": held,
@@ -835,9 +867,10 @@ def main(argv=None):
                               QUICK_ROWS if args.quick else ROWS)
     frame_strip(strip, os.path.join(out, "strip.png"))
     drift = [] if args.quick else backbone_drift(ckpt, students["full"], val_lat)
+    caption = disc_caption(ckpt, d, val_lat)
     times["eval"] = time.time() - t0
     times["total"] = time.time() - t_all
-    held = report(results, times, argv, out, d, drift=drift)
+    held = report(results, times, argv, out, d, drift=drift, caption=caption)
     if args.export_assets:
         export_assets(out)
     failed = [s for s, ok in held if not ok]
