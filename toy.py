@@ -756,6 +756,8 @@ def main(argv=None):
                    help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
     p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier"
                    " run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the eval split")
+    p.add_argument("--runs", default=",".join(RUNS), metavar="NAMES", help="the table's distilled runs (default all: "
+                   f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
@@ -763,6 +765,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.sweep and not set(args.sweep.split(",")) <= set(SWEEP):
         p.error(f"--sweep {args.sweep}: the candidates are {', '.join(SWEEP)}")
+    if "full" not in args.runs.split(",") or not set(args.runs.split(",")) <= set(RUNS):
+        p.error(f"--runs {args.runs}: a comma-separated subset of {', '.join(RUNS)} that includes full")
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
         cfg["train_seeds"] = tuple(range(args.seeds))
@@ -826,7 +830,8 @@ def main(argv=None):
 
     steps = [f"--phase1_steps={cfg['phase1']}", f"--phase2_steps={cfg['phase2']}"]
     runs = {"full": []} if args.quick else {"full": [], **{f"sweep_{k}": SWEEP[k] for k in args.sweep.split(",")}} \
-        if args.sweep else RUNS  # a sweep is judged against the default: the table's own "full" runs, reused
+        if args.sweep else {k: RUNS[k] for k in args.runs.split(",")}  # a sweep is judged against the default: the
+    # table's own "full" runs, reused
     d, jobs = os.path.join(out, "sweep" if args.sweep else "distill"), 1 if args.quick else args.jobs
     where = lambda k: os.path.join(out, "distill") if k == "full" else d  # noqa: E731
 
