@@ -2156,6 +2156,16 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
     assert not os.path.exists(tmp_path / "none")
 
 
+@pytest.mark.parametrize("argv,msg", [(["--phase2", "0"], "--phase2 0: give a positive step count"),
+                                      (["--runs", "no_adv"], "--runs no_adv: a comma-separated subset"),
+                                      (["--sweep", "nope"], "--sweep nope: the candidates are")])
+def test_toy_bad_arguments_stop_with_one_line_before_any_work(argv, msg, tmp_path, capsys):
+    import toy
+    with pytest.raises(SystemExit):
+        toy.main(argv + ["--out", str(tmp_path / "out")])
+    assert msg in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
+
+
 # =============================================================================
 # a newcomer's first hour: the README's Distil block on the demo, distill.py --help, one-line stops under
 # torchrun, sample.py's and data.py's small surprises, T2V distillation

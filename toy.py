@@ -761,6 +761,7 @@ def main(argv=None):
     p.add_argument("--runs", default=",".join(RUNS), metavar="NAMES", help="the table's distilled runs (default all: "
                    f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
+    p.add_argument("--phase2", type=int, metavar="N", help="Phase II steps of every distilled run (default 600; --quick 80)")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
@@ -772,6 +773,8 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
         cfg["train_seeds"] = tuple(range(args.seeds))
+    if args.phase2 is not None:
+        cfg["phase2"] = args.phase2 if args.phase2 > 0 else p.error(f"--phase2 {args.phase2}: give a positive step count")
     out = os.path.abspath(args.out or os.path.join(ROOT, "run", "toy-quick" if args.quick else "toy"))
     students = [os.path.join(ROOT, "assets", "demo", "student.safetensors")] if args.quick else [
         os.path.join(out, "distill", f"full_s{t}", "student.safetensors") for t in cfg["train_seeds"]]
