@@ -749,7 +749,7 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     "lr_phase2_1e-5": ["--lr_phase2=1e-5"],  # the recipe before round 4, for comparison
     # round 5: phase2_1000 at lr 3e-5 bettered every seed but failed the rule: seed 1's D broke away (D(real) - D(fake)
     # 0.97, as in every no-semantic-head run, whose students are worse). Does a stronger R1, or a slower D, stop that?
-    "r1_10": ["--lambda_r1=10"]}  # and res_lr_disc_1e-4 (round 2)
+    "r1_10": ["--lambda_r1=10"]}  # and res_lr_disc_1e-4 (round 2). Both stopped it; neither passed the rule
 
 
 def main(argv=None):
