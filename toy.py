@@ -764,7 +764,8 @@ def main(argv=None):
     p.add_argument("--runs", default=",".join(RUNS), metavar="NAMES", help="the table's distilled runs (default all: "
                    f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
-    p.add_argument("--phase2", type=int, metavar="N", help="Phase II steps of every distilled run (default 600; --quick 80)")
+    p.add_argument("--phase2", type=int, metavar="N", help="Phase II steps of every distilled run (default 600; --quick"
+                   " 80); runs already finished in --out are reused as they are, so give a new --out")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
