@@ -749,7 +749,11 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     "lr_phase2_1e-5": ["--lr_phase2=1e-5"],  # the recipe before round 4, for comparison
     # round 5: phase2_1000 at lr 3e-5 bettered every seed but failed the rule: seed 1's D broke away (D(real) - D(fake)
     # 0.97, as in every no-semantic-head run, whose students are worse). Does a stronger R1, or a slower D, stop that?
-    "r1_10": ["--lambda_r1=10"]}  # and res_lr_disc_1e-4 (round 2). Both stopped it; neither passed the rule
+    "r1_10": ["--lambda_r1=10"],  # and res_lr_disc_1e-4 (round 2). Both stopped it; neither passed the rule
+    # round 6: C-SDS's target is the teacher's CFG guess; like SDS, a low guidance scale pulls towards the mean over
+    # futures (slow). A stronger guidance in Phase II's target only (Phase I and the teacher rows stay at 5); if both
+    # pass the round-3 rule, the lower W1 wins
+    "csds_guide_7.5": ["--guide_scale=7.5"], "csds_guide_10": ["--guide_scale=10"]}
 
 
 def main(argv=None):
