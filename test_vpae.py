@@ -2158,12 +2158,29 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
 
 @pytest.mark.parametrize("argv,msg", [(["--phase2", "0"], "--phase2 0: give a positive step count"),
                                       (["--runs", "no_adv"], "--runs no_adv: a comma-separated subset"),
-                                      (["--sweep", "nope"], "--sweep nope: the candidates are")])
+                                      (["--sweep", "nope"], "--sweep nope: the candidates are"),
+                                      (["--seeds", "0"], "--seeds 0: give 1 or more")])
 def test_toy_bad_arguments_stop_with_one_line_before_any_work(argv, msg, tmp_path, capsys):
     import toy
     with pytest.raises(SystemExit):
         toy.main(argv + ["--out", str(tmp_path / "out")])
     assert msg in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
+
+
+def test_toy_will_not_reuse_a_finished_run_of_another_phase2_length(tmp_path):
+    """A finished run left in --out by another --phase2 stops toy.py with one line, before any work."""
+    import toy
+    for name in ("train", "eval", "val"):  # the stages before the runs, marked done
+        os.makedirs(tmp_path / f"{name}_videos"), os.makedirs(tmp_path / f"{name}_latents")
+        open(tmp_path / f"{name}_videos" / "captions.jsonl", "w").close()
+        open(tmp_path / f"{name}_latents" / "neg_context.safetensors", "w").close()
+    run = tmp_path / "distill" / "full_s0"
+    os.makedirs(run / "ckpt_00000120")
+    open(run / "student.safetensors", "w").close()
+    with open(run / "ckpt_00000120" / "config.json", "w") as f:
+        json.dump({"phase2_steps": 80}, f)
+    with pytest.raises(SystemExit, match=r"full_s0 is a finished run of 80 Phase II steps, not the 50 asked for"):
+        toy.main(["--quick", "--out", str(tmp_path), "--phase2", "50"])
 
 
 # =============================================================================

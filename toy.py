@@ -350,6 +350,15 @@ def distill_job(job):
     return time.time() - t0
 
 
+def check_reused(run, args):
+    """Stop if the finished run in `run` did not have the Phase II length that `args` (a distill.py argv) ask for."""
+    want = int([a for a in args if a.startswith("--phase2_steps=")][-1].split("=")[1])
+    saved = sorted(d for d in os.listdir(run) if d.startswith("ckpt_"))
+    got = json.load(open(os.path.join(run, saved[-1], "config.json")))["phase2_steps"] if saved else want
+    if got != want:
+        sys.exit(f"toy.py: {run} is a finished run of {got} Phase II steps, not the {want} asked for: give a new --out")
+
+
 def distill(ckpt, latents, val, out, args, log_file, stop_after=None):
     """distill.main in this process (one CPU process: no FSDP wrapping, a free port), its output to log_file."""
     argv = [f"--teacher={ckpt}", f"--data={latents}", f"--val_data={val}", f"--out={out}", *RECIPE, *args]
@@ -769,7 +778,7 @@ def main(argv=None):
                    f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
     p.add_argument("--phase2", type=int, metavar="N", help="Phase II steps of every distilled run (default 600; --quick"
-                   " 80); runs already finished in --out are reused as they are, so give a new --out")
+                   " 80); finished runs in --out are reused, and one of another length stops it")
     p.add_argument("--jobs", type=int, default=2, help="distillation runs at a time, each on cores/jobs threads (default 2:"
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
@@ -779,8 +788,8 @@ def main(argv=None):
     if "full" not in args.runs.split(",") or not set(args.runs.split(",")) <= set(RUNS):
         p.error(f"--runs {args.runs}: a comma-separated subset of {', '.join(RUNS)} that includes full")
     cfg = dict(QUICK if args.quick else FULL)
-    if args.seeds:
-        cfg["train_seeds"] = tuple(range(args.seeds))
+    if args.seeds is not None:
+        cfg["train_seeds"] = tuple(range(args.seeds)) if args.seeds > 0 else p.error(f"--seeds {args.seeds}: give 1 or more")
     if args.phase2 is not None:
         cfg["phase2"] = args.phase2 if args.phase2 > 0 else p.error(f"--phase2 {args.phase2}: give a positive step count")
     out = os.path.abspath(args.out or os.path.join(ROOT, "run", "toy-quick" if args.quick else "toy"))
@@ -850,8 +859,11 @@ def main(argv=None):
 
     def pool(todo):
         """Run the distillation jobs {name: (done, job)} whose output is missing, `jobs` at a time."""
-        for k in (k for k, (done, _) in todo.items() if os.path.exists(done)):
-            log(f"{k}: done before, skipped")
+        for k, (done, job) in todo.items():
+            if os.path.exists(done):
+                if job[7] is None:  # a finished run, not a Phase I checkpoint (which serves any Phase II)
+                    check_reused(job[3], job[4])
+                log(f"{k}: done before, skipped")
         todo = {k: j for k, (done, j) in todo.items() if not os.path.exists(done)}
         n = max(1, min(jobs, len(todo)))  # the threads of each job: the cores over the jobs that run at once
         todo = {k: (*j, max(1, torch.get_num_threads() // n)) for k, j in todo.items()}
