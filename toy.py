@@ -762,7 +762,10 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     # round 6: C-SDS's target is the teacher's CFG guess; like SDS, a low guidance scale pulls towards the mean over
     # futures (slow). A stronger guidance in Phase II's target only (Phase I and the teacher rows stay at 5); if both
     # pass the round-3 rule, the lower W1 wins
-    "csds_guide_7.5": ["--guide_scale=7.5"], "csds_guide_10": ["--guide_scale=10"]}
+    "csds_guide_7.5": ["--guide_scale=7.5"], "csds_guide_10": ["--guide_scale=10"],
+    # round 7: both reached the teacher's speed but failed on FD and PSNR (the colours of high CFG). Is there a
+    # guidance between that keeps the appearance, or can D repair it when C-SDS weighs less against it?
+    "csds_guide_6": ["--guide_scale=6"], "csds_guide_7.5_csds_3": ["--guide_scale=7.5", "--lambda_csds=3"]}
 
 
 def main(argv=None):
