@@ -57,7 +57,8 @@ class Config:
     sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]; 0 = off
     shift: float = 3.0  # re-noising shift for DMD and C-SDS: the task's Wan sample shift [choice]; 5 for 720p/t2v
     #   (C-SDS at shift 1 in Phase II was no better on the toy's speed, on validation)
-    guide_scale: float = 5.0  # teacher CFG w [choice, Wan default]
+    guide_scale: float = 5.0  # teacher CFG w in DMD's and C-SDS's targets [choice, Wan default]; on the toy a
+    #   higher w in Phase II speeds the student up to the teacher's and costs FD and PSNR (README, round 6)
     k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
     lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
     disc_backbone: str = "ema"  # ema | live | teacher: whose hidden states the heads read [paper: ema]
