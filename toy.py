@@ -353,8 +353,8 @@ def distill_job(job):
 def check_reused(run, args):
     """Stop if the finished run in `run` did not have the Phase II length that `args` (a distill.py argv) ask for."""
     want = int([a for a in args if a.startswith("--phase2_steps=")][-1].split("=")[1])
-    saved = sorted(d for d in os.listdir(run) if d.startswith("ckpt_"))
-    got = json.load(open(os.path.join(run, saved[-1], "config.json")))["phase2_steps"] if saved else want
+    ck = D.latest_ckpt(run)
+    got = json.load(open(os.path.join(ck, "config.json")))["phase2_steps"] if ck else want
     if got != want:
         sys.exit(f"toy.py: {run} is a finished run of {got} Phase II steps, not the {want} asked for: give a new --out")
 
@@ -761,10 +761,10 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     "r1_10": ["--lambda_r1=10"],  # and res_lr_disc_1e-4 (round 2). Both stopped it; neither passed the rule
     # round 6: C-SDS's target is the teacher's CFG guess; like SDS, a low guidance scale pulls towards the mean over
     # futures (slow). A stronger guidance in Phase II's target only (Phase I and the teacher rows stay at 5); if both
-    # pass the round-3 rule, the lower W1 wins
+    # pass the round-3 rule, the lower W1 wins. Neither passed
     "csds_guide_7.5": ["--guide_scale=7.5"], "csds_guide_10": ["--guide_scale=10"],
-    # round 7: both reached the teacher's speed but failed on FD and PSNR (the colours of high CFG). Is there a
-    # guidance between that keeps the appearance, or can D repair it when C-SDS weighs less against it?
+    # round 7: both reached the teacher's speed but failed on FD and PSNR. Is there a guidance between that keeps the
+    # appearance, or can D repair it when C-SDS weighs less against it? Neither: both failed on FD and PSNR
     "csds_guide_6": ["--guide_scale=6"], "csds_guide_7.5_csds_3": ["--guide_scale=7.5", "--lambda_csds=3"]}
 
 
