@@ -59,6 +59,9 @@ class Config:
     #   (C-SDS at shift 1 in Phase II was no better on the toy's speed, on validation)
     guide_scale: float = 5.0  # teacher CFG w in DMD's and C-SDS's targets [choice, Wan default]; on the toy a
     #   higher w in Phase II speeds the student up to the teacher's and costs FD and PSNR (README, round 6)
+    csds_guide_scale: float = 0.0  # C-SDS's w at re-noising sigma' >= csds_guide_from (guide_scale below it); 0 = off.
+    #   A guidance interval [ours]: motion is decided at high sigma', appearance at low (README, round 8)
+    csds_guide_from: float = 0.75  # see csds_guide_scale; 0.75 is the median sigma' at shift 3
     k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
     lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
     disc_backbone: str = "ema"  # ema | live | teacher: whose hidden states the heads read [paper: ema]
@@ -138,6 +141,9 @@ def parse_args(argv):
         setattr(cfg, name, v)
     if cfg.disc_backbone not in ("ema", "live", "teacher"):
         fail(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
+    if not 0 <= cfg.csds_guide_from <= 1 or cfg.csds_guide_scale < 0:
+        fail(f"--csds_guide_from={cfg.csds_guide_from} --csds_guide_scale={cfg.csds_guide_scale}: use a sigma in [0, 1] "
+             "and a w >= 0 (0 = off)")
     return cfg
 
 
@@ -224,6 +230,13 @@ def str1_loss(d_pert, d_clean, delta):
 
 def csds_loss(x0_hat, target):
     return F.mse_loss(x0_hat, target.detach())
+
+
+def csds_guidance(cfg, s):
+    """C-SDS's CFG w: guide_scale, or per sample csds_guide_scale where the re-noising sigma' s >= csds_guide_from."""
+    if not cfg.csds_guide_scale:
+        return cfg.guide_scale
+    return bcast(torch.where(s >= cfg.csds_guide_from, cfg.csds_guide_scale, cfg.guide_scale).to(s.dtype))
 
 
 @torch.no_grad()
@@ -315,7 +328,7 @@ def phase2_g_step(cfg, m, batch, rng):
     s = renoise_sigma(B, cfg.shift, rng, dev)
     with torch.no_grad():
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
-        target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
+        target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], csds_guidance(cfg, s))
     loss_csds = csds_loss(x0_hat, target)
     # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G
     # (under sp > 1 the adversarial one is this rank's share of the tokens). Each grad stops at x0_hat, so G's graph

@@ -360,6 +360,12 @@ def test_dmd_gradient_and_csds_target():
     x0 = torch.randn(x.shape, generator=g)
     assert torch.isclose(distill.csds_loss(x0, target), ((x0 - target) ** 2).mean())
 
+    # a guidance interval: w 7.5 at sigma' >= 0.5 only; off, every sample gets guide_scale
+    cfg = distill.Config(csds_guide_scale=7.5, csds_guide_from=0.5)
+    v = distill.cfg_velocity(teacher, x, s, {"context": c}, {"context": n}, distill.csds_guidance(cfg, s))
+    assert torch.allclose(v[0], (v_n + 5.0 * (v_c - v_n))[0]) and torch.allclose(v[1], (v_n + 7.5 * (v_c - v_n))[1])
+    assert distill.csds_guidance(distill.Config(), s) == 5.0
+
 
 def test_ema_update():
     import distill
@@ -2219,11 +2225,14 @@ def test_distill_help_lists_every_field_and_takes_field_value(capsys):
     lines = [x.strip() for x in capsys.readouterr().out.splitlines() if x.startswith("  --")]
     assert e.value.code == 0 and [x.split("=")[0] for x in lines] == [f"--{f.name}" for f in dataclasses.fields(distill.Config)]
     assert all(x.split(")  ", 1)[1:] for x in lines)  # each with its comment
-    assert "--disc_shift_ref=32760  (int)  scale" in lines[21] and lines[21].endswith("0 = fixed")  # a 3-line comment
+    ref = next(x for x in lines if x.startswith("--disc_shift_ref="))
+    assert "--disc_shift_ref=32760  (int)  scale" in ref and ref.endswith("0 = fixed")  # a 3-line comment
     cfg = distill.parse_args(["--phase1_steps", "7", "--beta1", "-0.5", "--semantic=false"])
     assert (cfg.phase1_steps, cfg.beta1, cfg.semantic) == (7, -0.5, False)
     with pytest.raises(SystemExit, match="distill.py --help lists them"):
         distill.parse_args(["--phase1_step=3"])
+    with pytest.raises(SystemExit, match="--csds_guide_from=1.5 .*: use a sigma in"):
+        distill.parse_args(["--csds_guide_scale=7.5", "--csds_guide_from=1.5"])
     assert M.Discriminator(128, [0]).heads[0].queries.shape[-1] == 128  # disc_width 0: the backbone's dim, <= 1024
     with torch.device("meta"):
         assert M.Discriminator(5120, [0]).heads[0].queries.shape[-1] == 1024
