@@ -766,11 +766,11 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     # round 7: both reached the teacher's speed but failed on FD and PSNR. Is there a guidance between that keeps the
     # appearance, or can D repair it when C-SDS weighs less against it? Neither: both failed on FD and PSNR
     "csds_guide_6": ["--guide_scale=6"], "csds_guide_7.5_csds_3": ["--guide_scale=7.5", "--lambda_csds=3"],
-    # round 8: a guidance interval. w 7.5 at half of C-SDS's sigma' only (split at the median, 0.75), w 5 at the other
-    # half; with round 6's w 7.5 at all sigma' and the default's w 5 at none, a 2x2: which half buys the speed, which
-    # costs the FD? The round-3 rule, fixed before the runs
+    # round 8: a guidance interval. w 7.5 at half of C-SDS's sigma' only (split at the median, 0.75), the recipe's w 3
+    # (GUIDE) at the other half; with round 6's w 7.5 at all sigma' and the recipe's at none, a 2x2: which half buys
+    # the speed, which costs the FD? The round-3 rule, fixed before the runs
     "csds_guide_7.5_high": ["--csds_guide_scale=7.5", "--csds_guide_from=0.75"],
-    "csds_guide_7.5_low": ["--guide_scale=7.5", "--csds_guide_scale=5", "--csds_guide_from=0.75"]}
+    "csds_guide_7.5_low": ["--guide_scale=7.5", f"--csds_guide_scale={GUIDE}", "--csds_guide_from=0.75"]}
 
 
 def main(argv=None):
