@@ -360,10 +360,10 @@ def test_dmd_gradient_and_csds_target():
     x0 = torch.randn(x.shape, generator=g)
     assert torch.isclose(distill.csds_loss(x0, target), ((x0 - target) ** 2).mean())
 
-    # a guidance interval: w 7.5 at sigma' >= 0.5 only; off, every sample gets guide_scale
-    cfg = distill.Config(csds_guide_scale=7.5, csds_guide_from=0.5)
+    # a guidance interval: w 7.5 at sigma' < 0.5 only (s = 0.3, 0.8); off, every sample gets guide_scale
+    cfg = distill.Config(csds_guide_scale=7.5, csds_guide_until=0.5)
     v = distill.cfg_velocity(teacher, x, s, {"context": c}, {"context": n}, distill.csds_guidance(cfg, s))
-    assert torch.allclose(v[0], (v_n + 5.0 * (v_c - v_n))[0]) and torch.allclose(v[1], (v_n + 7.5 * (v_c - v_n))[1])
+    assert torch.allclose(v[0], (v_n + 7.5 * (v_c - v_n))[0]) and torch.allclose(v[1], (v_n + 5.0 * (v_c - v_n))[1])
     assert distill.csds_guidance(distill.Config(), s) == 5.0
 
 
@@ -2231,8 +2231,8 @@ def test_distill_help_lists_every_field_and_takes_field_value(capsys):
     assert (cfg.phase1_steps, cfg.beta1, cfg.semantic) == (7, -0.5, False)
     with pytest.raises(SystemExit, match="distill.py --help lists them"):
         distill.parse_args(["--phase1_step=3"])
-    with pytest.raises(SystemExit, match="--csds_guide_from=1.5 .*: use a sigma in"):
-        distill.parse_args(["--csds_guide_scale=7.5", "--csds_guide_from=1.5"])
+    with pytest.raises(SystemExit, match="--csds_guide_until=1.5 .*: use a sigma in"):
+        distill.parse_args(["--csds_guide_scale=7.5", "--csds_guide_until=1.5"])
     assert M.Discriminator(128, [0]).heads[0].queries.shape[-1] == 128  # disc_width 0: the backbone's dim, <= 1024
     with torch.device("meta"):
         assert M.Discriminator(5120, [0]).heads[0].queries.shape[-1] == 1024
