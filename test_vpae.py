@@ -1680,6 +1680,12 @@ def test_toy_quick_benchmark(tmp_path):
     assert os.path.isfile(tmp_path / "quick" / "results.md") and os.path.isfile(tmp_path / "quick" / "strip.png")
     health = json.loads((tmp_path / "quick" / "results.json").read_text())["disc_health"]["full_s0"]
     assert 0 <= health["caption_acc"] <= 1  # disc_caption found the run's last checkpoint and scored its D
+    # the C-SDS pull diagnostic: at sigma' 0 the target is the student's own clip, whatever w
+    table = toy.csds_pull(toy.sample.DEFAULT_CKPT, os.path.join(toy.sample.DEFAULT_CKPT, "student.safetensors"),
+                          str(tmp_path / "quick" / "val_latents"), toy.eval_combos(16, seed=2), toy.VAL_SEED, print,
+                          sigmas=(0.0, 0.9), ws=(3.0, 7.5))
+    rows = [r.split(" | ", 1)[1] for r in table.splitlines()[2:]]
+    assert len(rows) == 5 and rows[0] == rows[1] == rows[2] and rows[3] != rows[4] != rows[0]
 
 
 def test_demo_assets_small_and_in_official_layout():
@@ -2159,6 +2165,8 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
     assert os.path.isfile(tmp_path / "lora" / "s0" / "student_lora_rank16.safetensors")
     with pytest.raises(SystemExit, match=r"full_s0/student.safetensors not found: run `python toy.py` first"):
         toy.main(["--lora-table", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=r"--csds-pull: nope.safetensors not found: give a student.safetensors"):
+        toy.main(["--csds-pull", "nope.safetensors", "--out", str(tmp_path / "none")])
     assert not os.path.exists(tmp_path / "none")
 
 

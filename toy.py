@@ -409,18 +409,48 @@ def score(videos, real, captions, real_along):
             "consistency": float(np.mean([consistency(v, w[1], a) for v, w, a in zip(videos, words, areas)]))}
 
 
-def evaluate(ckpt, latents, combos, seed, students, cfg, log, rows=ROWS):
-    """Every row of `rows` whose model exists, on the clips of `combos` made with `seed` (the evaluation or the
-    validation split), over cfg["noise_seeds"]; plus the real clips through the VAE. students: {run: [student file
-    per training seed]}. Returns {row: {"nfe", metric: [[value per noise seed] per training seed]}} and, for the
-    strip, the clips of training seed 0 and noise seed 0 of two rows."""
+def eval_set(latents, combos, seed):
+    """The precomputed clips of a split as one batch, their conditions (cond, and the negative context), the real
+    futures of each condition, the captions, and the real displacements at every speed (see speed_metrics)."""
     x, ds = load_all(latents)
     real, captions = make_clips(combos, seed, EVAL_SPEEDS)
     words = [c.split() for c in captions]
     real_along = np.array([[displacement(v, w[1], w[4])[0] for v in g]
                            for g, w in zip(make_clips(combos, seed, EVAL_SPEEDS, SPEED_GRID)[0], words)])
     batch = D.prepare(x, ds.neg_context, DIT["text_len"], "cpu")  # contexts padded, the negative one per clip
-    cond, neg = batch["cond"], batch["neg"]["context"]
+    return x, batch["cond"], batch["neg"]["context"], real, captions, real_along
+
+
+@torch.no_grad()
+def csds_pull(ckpt, student, latents, combos, seed, log, sigmas=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95), ws=(GUIDE, 7.5)):
+    """Where C-SDS's guidance pulls the student, as a table: the student's one-step clips (noise seed 0) and, for
+    each re-noising sigma' and CFG w, the C-SDS target (the teacher's CFG x0 guess from the clips re-noised at
+    sigma'), each scored like the student. A target with a larger `ratio` (mean displacement over the real one)
+    than the student's pulls it faster at that sigma'; the target's FD is what that pull does to appearance."""
+    _, cond, neg, real, captions, real_along = eval_set(latents, combos, seed)
+    vae, teacher = WanVAE.from_pretrained(os.path.join(ckpt, sample.VAE_FILE)), WanModel.from_pretrained(ckpt)
+    x0 = generate(sample.load_dit(ckpt, torch.float32, "cpu", student), "x0", 1, cond, neg, 0)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    keys = ("fd", "in_range", "slow", "ratio")
+    lines = ["| clips | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for s, w in [(None, None)] + [(s, w) for s in sigmas for w in ws]:
+        z = x0
+        if s is not None:
+            x_s, t = (1 - s) * x0 + s * eps, torch.full((len(x0),), s)
+            z = x_s - s * D.cfg_velocity(teacher, x_s, t, cond, {"context": neg}, w)
+        m = score(decode(vae, z), real, captions, real_along)
+        lines.append(f"| {'student' if s is None else f'target, sigma {s}, w {w}'} | " +
+                     " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
+        log(lines[-1])
+    return "\n".join(lines)
+
+
+def evaluate(ckpt, latents, combos, seed, students, cfg, log, rows=ROWS):
+    """Every row of `rows` whose model exists, on the clips of `combos` made with `seed` (the evaluation or the
+    validation split), over cfg["noise_seeds"]; plus the real clips through the VAE. students: {run: [student file
+    per training seed]}. Returns {row: {"nfe", metric: [[value per noise seed] per training seed]}} and, for the
+    strip, the clips of training seed 0 and noise seed 0 of two rows."""
+    x, cond, neg, real, captions, real_along = eval_set(latents, combos, seed)
     vae = WanVAE.from_pretrained(os.path.join(ckpt, sample.VAE_FILE))
     teacher = WanModel.from_pretrained(ckpt)
     results = {"real clips through the VAE": {"nfe": "-", **{k: [[v]] for k, v in score(
@@ -784,6 +814,8 @@ def main(argv=None):
                    help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
     p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier"
                    " run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the eval split")
+    p.add_argument("--csds-pull", metavar="STUDENT", help="instead of the table: the C-SDS targets of this student "
+                   "file at each sigma' and w, scored on the validation split, into csds_pull.md")
     p.add_argument("--runs", default=",".join(RUNS), metavar="NAMES", help="the table's distilled runs (default all: "
                    f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
@@ -808,6 +840,8 @@ def main(argv=None):
     if args.lora_table and not all(map(os.path.isfile, students)):
         sys.exit(f"toy.py --lora-table: {next(s for s in students if not os.path.isfile(s))} not found: run "
                  f"`python toy.py{' --export-assets' if args.quick else ''}` first")
+    if args.csds_pull and not os.path.isfile(args.csds_pull):
+        sys.exit(f"toy.py --csds-pull: {args.csds_pull} not found: give a student.safetensors of a run in --out")
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     times, t_all = {}, time.time()
 
@@ -851,6 +885,12 @@ def main(argv=None):
         stage("teacher", os.path.join(ckpt, "diffusion_pytorch_model.safetensors"),
               lambda: train_teacher(ckpt, train_lat, cfg["teacher_steps"], lambda m: print(m, flush=True)))
 
+    if args.csds_pull:
+        table = csds_pull(ckpt, args.csds_pull, val_lat, sets["val"][0], VAL_SEED, log)
+        i = machine()
+        data.write_text(f"`python toy.py {' '.join(argv)}`: {i['cpus']} CPU cores ({i['cpu']}), torch {i['torch']}, "
+                        f"commit {i['commit']}\n\n{table}\n", os.path.join(out, "csds_pull.md"))
+        return table
     if args.lora_table:
         t0 = time.time()
         runs, rows = lora_table(ckpt, students, out, log)
