@@ -202,6 +202,11 @@ def cfg_velocity(teacher, x, s, cond, neg, w):
     return v_n + w * (v_c - v_n)
 
 
+def cfg_x0(teacher, x_s, s, cond, neg, w):
+    """The CFG teacher's guess of x0 from x_s, x_s - s v_T^w: DMD's real score and C-SDS's target."""
+    return x_s - bcast(s) * cfg_velocity(teacher, x_s, s, cond, neg, w)
+
+
 # -----------------------------------------------------------------------------
 # the losses, each a plain function of tensors so the tests can check it directly
 
@@ -260,7 +265,7 @@ def phase1_step(cfg, m, batch, rng):
     s = renoise_sigma(B, cfg.shift, rng, dev)
     x_s = (1 - bcast(s)) * x0_hat.detach() + bcast(s) * noise_like(x0, rng)
     with torch.no_grad():
-        x0_real = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
+        x0_real = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
         m.lora["on"] = True
         x0_fake = x_s - bcast(s) * run(m.teacher, x_s, s, cond)
         m.lora["on"] = False
@@ -329,7 +334,7 @@ def phase2_g_step(cfg, m, batch, rng):
     s = renoise_sigma(B, cfg.shift, rng, dev)
     with torch.no_grad():
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
-        target = x_s - bcast(s) * cfg_velocity(m.teacher, x_s, s, cond, batch["neg"], csds_guidance(cfg, s))
+        target = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], csds_guidance(cfg, s))
     loss_csds = csds_loss(x0_hat, target)
     # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G
     # (under sp > 1 the adversarial one is this rank's share of the tokens). Each grad stops at x0_hat, so G's graph

@@ -357,6 +357,7 @@ def test_dmd_gradient_and_csds_target():
     v_c, v_n = 2 * x + 1000 * s.view(-1, 1, 1, 1, 1), -x + 1000 * s.view(-1, 1, 1, 1, 1)
     assert torch.allclose(v, v_n + 5.0 * (v_c - v_n))
     target = x - s.view(-1, 1, 1, 1, 1) * v  # the C-SDS target x0 of the CFG teacher
+    assert torch.allclose(distill.cfg_x0(teacher, x, s, {"context": c}, {"context": n}, 5.0), target)
     x0 = torch.randn(x.shape, generator=g)
     assert torch.isclose(distill.csds_loss(x0, target), ((x0 - target) ** 2).mean())
 

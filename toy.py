@@ -63,7 +63,8 @@ QUICK = dict(train_clips=64, eval_clips=16, noise_seeds=(0, 1), train_seeds=(0,)
 # validation split (--sweep round 8: the student at the teacher's speed, FD within the spread)
 RECIPE = ["--batch_size=8", "--micro_batch=8", "--lr_phase1=1e-5", "--lr_phase2=3e-5", "--lr_fake=1e-4", "--lr_disc=1e-3",
           "--lora_rank=16", "--disc_width=128", f"--shift={SHIFT}", f"--guide_scale={GUIDE}", "--grad_ckpt=false",
-          "--csds_guide_scale=7.5", "--csds_guide_until=0.75", "--export_dtype=fp32", "--log_every=20", "--ckpt_every=100000", "--val_every=50"]
+          "--csds_guide_scale=7.5", "--csds_guide_until=0.75", "--export_dtype=fp32", "--log_every=20",
+          "--ckpt_every=100000", "--val_every=50"]
 RUNS = {"full": [], "no_phase1": ["--phase1_steps=0"], "teacher_backbone": ["--disc_backbone=teacher"],
         "no_semantic": ["--semantic=false"], "no_csds": ["--lambda_csds=0"], "no_adv": ["--lambda_adv=0"]}
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
@@ -436,8 +437,7 @@ def csds_pull(ckpt, student, latents, combos, seed, log, sigmas=(0.3, 0.5, 0.7, 
     for s, w in [(None, None)] + [(s, w) for s in sigmas for w in ws]:
         z = x0
         if s is not None:
-            x_s, t = (1 - s) * x0 + s * eps, torch.full((len(x0),), s)
-            z = x_s - s * D.cfg_velocity(teacher, x_s, t, cond, {"context": neg}, w)
+            z = D.cfg_x0(teacher, (1 - s) * x0 + s * eps, torch.full((len(x0),), s), cond, {"context": neg}, w)
         m = score(decode(vae, z), real, captions, real_along)
         lines.append(f"| {'student' if s is None else f'target, sigma {s}, w {w}'} | " +
                      " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
@@ -791,7 +791,7 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     # 0.97, as in every no-semantic-head run, whose students are worse). Does a stronger R1, or a slower D, stop that?
     "r1_10": ["--lambda_r1=10"],  # and res_lr_disc_1e-4 (round 2). Both stopped it; neither passed the rule
     # round 6: C-SDS's target is the teacher's CFG guess; like SDS, a low guidance scale pulls towards the mean over
-    # futures (slow). A stronger guidance in Phase II's target only (Phase I and the teacher rows stay at 5); if both
+    # futures (slow). A stronger guidance in Phase II's target only (Phase I and the teacher rows stay at 3); if both
     # pass the round-3 rule, the lower W1 wins. Neither passed
     "csds_guide_7.5": ["--guide_scale=7.5"], "csds_guide_10": ["--guide_scale=10"],
     # round 7: both reached the teacher's speed but failed on FD and PSNR. Is there a guidance between that keeps the
