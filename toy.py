@@ -65,13 +65,15 @@ RECIPE = ["--batch_size=8", "--micro_batch=8", "--lr_phase1=1e-5", "--lr_phase2=
           "--lora_rank=16", "--disc_width=128", f"--shift={SHIFT}", f"--guide_scale={GUIDE}", "--grad_ckpt=false",
           "--csds_guide_scale=7.5", "--csds_guide_until=0.75", "--export_dtype=fp32", "--log_every=20",
           "--ckpt_every=100000", "--val_every=50"]
-RUNS = {"full": [], "no_phase1": ["--phase1_steps=0"], "teacher_backbone": ["--disc_backbone=teacher"],
-        "no_semantic": ["--semantic=false"], "no_csds": ["--lambda_csds=0"], "no_adv": ["--lambda_adv=0"]}
+RUNS = {"full": [], "no_phase1": ["--phase1_steps=0"],
+        "no_phase2": ["--phase2_steps=0"],  # Phase I alone: the EMA at the end of the seed's shared Phase I, exported
+        "teacher_backbone": ["--disc_backbone=teacher"], "no_semantic": ["--semantic=false"],
+        "no_csds": ["--lambda_csds=0"], "no_adv": ["--lambda_adv=0"]}
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
     ("teacher, 1 step + CFG", "teacher", "cfg", 1, 2), ("teacher, 1 step, no CFG", "teacher", "x0", 1, 1),
     ("V-PAE student, 1 step", "full", "x0", 1, 1), ("V-PAE student, 4 steps", "full", "x0", 4, 4),
-    ("ablation: no Phase I, 1 step", "no_phase1", "x0", 1, 1),
+    ("ablation: no Phase I, 1 step", "no_phase1", "x0", 1, 1), ("ablation: no Phase II, 1 step", "no_phase2", "x0", 1, 1),
     ("ablation: D backbone = frozen teacher, 1 step", "teacher_backbone", "x0", 1, 1),
     ("ablation: no semantic head, 1 step", "no_semantic", "x0", 1, 1),
     ("ablation: lambda_csds = 0, 1 step", "no_csds", "x0", 1, 1),
@@ -519,7 +521,7 @@ def disc_caption(ckpt, distill_dir, latents, sigma=0.25):
         ck, student = D.latest_ckpt(os.path.join(distill_dir, run)), os.path.join(distill_dir, run, "student.safetensors")
         if not ck or not os.path.isfile(student):
             continue
-        c = D.Config(**json.load(open(os.path.join(ck, "config.json"))))
+        c = argparse.Namespace(**json.load(open(os.path.join(ck, "config.json"))))  # a run's fields, as it wrote them
         heads = Discriminator(teacher.cfg.dim, D.tap_blocks(teacher.cfg.num_layers, c.disc_taps), c.disc_width,
                               c.disc_queries, c.semantic)
         dcp.load({"disc": heads.state_dict()}, checkpoint_id=ck, no_dist=True)  # in place, into the heads' tensors
@@ -802,7 +804,9 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     # the speed, which costs the FD? The round-3 rule, fixed before the runs. _low passed and is the recipe since (rounds
     # 1-8 ran without it); the field was then turned round (csds_guide_from -> csds_guide_until): the same w as run
     "csds_guide_7.5_high": ["--guide_scale=7.5", f"--csds_guide_scale={GUIDE}", "--csds_guide_until=0.75"],
-    "csds_guide_7.5_low": ["--csds_guide_scale=7.5", "--csds_guide_until=0.75"]}
+    "csds_guide_7.5_low": ["--csds_guide_scale=7.5", "--csds_guide_until=0.75"],
+    # round 9: phase2_1000 again, on top of the round-8 recipe (the 600-step runs continued: same streams, constant lr)
+}
 
 
 def main(argv=None):
@@ -909,19 +913,22 @@ def main(argv=None):
 
     def pool(todo):
         """Run the distillation jobs {name: (done, job)} whose output is missing, `jobs` at a time."""
-        for k, (done, job) in todo.items():
-            if os.path.exists(done):
+        for k, (d, job) in todo.items():
+            if os.path.exists(d):
                 if job[7] is None:  # a finished run, not a Phase I checkpoint (which serves any Phase II)
                     check_reused(job[3], job[4])
                 log(f"{k}: done before, skipped")
-        todo = {k: j for k, (done, j) in todo.items() if not os.path.exists(done)}
+        done = {k: d for k, (d, _) in todo.items()}
+        todo = {k: j for k, (d, j) in todo.items() if not os.path.exists(d)}
         n = max(1, min(jobs, len(todo)))  # the threads of each job: the cores over the jobs that run at once
         todo = {k: (*j, max(1, torch.get_num_threads() // n)) for k, j in todo.items()}
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) if n > 1 else contextlib.nullcontext() as ex:
             for name, sec in zip(todo, (ex.map if ex else map)(distill_job, todo.values())):
                 times[name] = sec
-                log(f"{name}: {sec:.0f}s")
+                log(f"{name}: {sec:.0f}s" + ("" if os.path.exists(done[name]) else ", stopped before its end"))
+        if stopped := [k for k in todo if not os.path.exists(done[k])]:  # e.g. a SIGTERM: distill.py saved and exited 0
+            sys.exit(f"toy.py: {', '.join(stopped)} stopped before the end: run the same command again to resume")
 
     logf = lambda name: os.path.join(out, "logs", f"distill_{name}.log")  # noqa: E731
     shared = {t: os.path.join(out, "phase1", f"s{t}", f"ckpt_{cfg['phase1']:08d}") for t in cfg["train_seeds"]}
