@@ -329,17 +329,20 @@ def phase2_g_step(cfg, m, batch, rng):
     B, dev = x0.shape[0], x0.device
     eps = noise_like(x0, rng)
     x0_hat = eps - run(m.gen, eps, torch.ones(B, device=dev), cond)
+    # a term weighted 0 (an ablation) is not computed, its gradient is 0: the same update at less cost. Its noise is
+    # still drawn, so the random streams stay those of the full method.
     (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)
-    loss_adv = -disc(m, fake_d, s_d, cond).mean()
+    loss_adv = -disc(m, fake_d, s_d, cond).mean() if cfg.lambda_adv else torch.zeros((), device=dev)
     s = renoise_sigma(B, cfg.shift, rng, dev)
     with torch.no_grad():
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
-        target = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], csds_guidance(cfg, s))
-    loss_csds = csds_loss(x0_hat, target)
+        target = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], csds_guidance(cfg, s)) if cfg.lambda_csds else None
+    loss_csds = csds_loss(x0_hat, target) if cfg.lambda_csds else torch.zeros((), device=dev)
     # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G
     # (under sp > 1 the adversarial one is this rank's share of the tokens). Each grad stops at x0_hat, so G's graph
     # survives it while the backbone's is freed before G's backward.
-    g_adv, g_csds = (torch.autograd.grad(loss, x0_hat)[0] for loss in (cfg.lambda_adv * loss_adv, cfg.lambda_csds * loss_csds))
+    g_adv, g_csds = (torch.autograd.grad(lam * loss, x0_hat)[0] if lam else torch.zeros_like(x0_hat)
+                     for lam, loss in ((cfg.lambda_adv, loss_adv), (cfg.lambda_csds, loss_csds)))
     x0_hat.backward(g_adv + g_csds)
     return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach(),
             "gx_adv": g_adv.norm().detach(), "gx_csds": g_csds.norm().detach()}

@@ -406,6 +406,10 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
 
     assert not torch.equal(g_grad(1.0, 0), g_grad(1.0, 1))  # the heads steer the generator
     assert torch.equal(g_grad(0.0, 0), g_grad(0.0, 1))  # lambda_adv = 0: C-SDS alone
+    ref, m.disc = g_grad(0.0, 0), None  # ... and D is not even run (a run without heads would fail)
+    gen.zero_grad(set_to_none=True)
+    distill.phase2_g_step(replace(c, lambda_adv=0.0), m, batch, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.cat([p.grad.flatten() for p in gen.parameters()]), ref)
 
 
 # =============================================================================
@@ -2180,6 +2184,25 @@ def test_toy_bad_arguments_stop_with_one_line_before_any_work(argv, msg, tmp_pat
     with pytest.raises(SystemExit):
         toy.main(argv + ["--out", str(tmp_path / "out")])
     assert msg in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
+
+
+def test_toy_starts_from_the_bundled_teacher(tmp_path):
+    """Without --train-teacher the run's ckpt is the bundled encoders, VAE and teacher (not the student); a ckpt with
+    a VAE trained here and no teacher (an interrupted --train-teacher run) is never overwritten."""
+    import toy
+    ckpt, demo = tmp_path / "ckpt", os.path.join(HERE, "assets", "demo")
+    os.makedirs(ckpt)
+    data.write_json({"_class_name": "WanModel", "_diffusers_version": "0.30.0", **toy.DIT}, str(ckpt / "config.json"))
+    toy.copy_bundled(str(ckpt))
+    for f in ("diffusion_pytorch_model.safetensors", "Wan2.1_VAE.pth", "google/umt5-xxl/tokenizer.json"):
+        assert open(ckpt / f, "rb").read() == open(os.path.join(demo, f), "rb").read()
+    assert not os.path.exists(ckpt / "student.safetensors") and "vpae_demo" not in json.load(open(ckpt / "config.json"))
+    data.write_json({**toy.DIT, "dim": 64}, str(ckpt / "config.json"))
+    with pytest.raises(SystemExit, match="not of toy.DIT's shape: run with --train-teacher"):
+        toy.copy_bundled(str(ckpt))
+    os.remove(ckpt / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(SystemExit, match="holds a VAE trained here but no teacher yet: add --train-teacher"):
+        toy.main(["--out", str(tmp_path)])
 
 
 def test_toy_will_not_reuse_a_finished_run_of_another_phase2_length(tmp_path):

@@ -49,7 +49,8 @@ class CausalConv3d(nn.Conv3d):
 
 
 class RMS_norm(nn.Module):
-    """RMS norm over channels: F.normalize (L2, eps 1e-12) * sqrt(C) * gamma; no bias."""
+    """RMS norm over channels: F.normalize (L2, eps 1e-12) * sqrt(C) * gamma; no bias. The norm is written out:
+    torch's vector norm over dim 1 of a 5-D tensor is 3x slower on CPU (two thirds of a toy VAE decode)."""
 
     def __init__(self, dim, images=False):
         super().__init__()
@@ -57,7 +58,7 @@ class RMS_norm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x):
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return x / (x * x).sum(1, keepdim=True).sqrt().clamp_min(1e-12) * self.scale * self.gamma
 
 
 def run(layers, x, cache):
