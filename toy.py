@@ -11,7 +11,7 @@ The pipeline: random-weight umT5 and CLIP in the official layout -> a tiny Wan V
 -> clips precomputed with data.precompute -> a tiny Wan I2V teacher trained with flow matching -> distill.py
 (V-PAE and its ablations, each over several training seeds with its own Phase I) -> generation on held-out
 conditions over several noise seeds, and the metrics. The encoders, VAE and teacher are those bundled in
-assets/demo unless --train-teacher asks for them to be made here (about 30 min more on 2 cores), as a
+assets/demo unless --train-teacher asks for them to be made here (about 19 min more on 2 cores), as a
 distillation starts from a released teacher. Each stage writes into the output folder and is skipped when its
 output is already there. Three disjoint sets of clips: training; validation (VAL_SEED), on which
 settings are chosen; evaluation (EVAL_SEED), which only the final table sees.
@@ -831,7 +831,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CI: distil the bundled demo teacher briefly, check the ordering")
     p.add_argument("--export-assets", action="store_true", help="after the pipeline, copy its models into assets/")
     p.add_argument("--train-teacher", action="store_true", help="train the VAE and the teacher (and write the random "
-                   "encoders) here, about 30 min, instead of copying the bundled ones from assets/demo")
+                   "encoders) here, about 19 min, instead of copying the bundled ones from assets/demo")
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), metavar="NAMES",
                    help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
     p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier"
