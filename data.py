@@ -219,7 +219,7 @@ def parts(out):
 
 
 @torch.no_grad()
-def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtype=None):
+def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtype=None, group=None):
     """Encode every captioned clip of `videos` into shards under `out` and return out. Resumable: clips already
     in out/manifest.json are not redone. frames and size default to the checkpoint's demo ones (assets/demo: 17,
     64*64), else 81 and 832*480. dtype overrides the T5/CLIP dtype (default: official on a GPU, fp32 on a CPU);
@@ -227,10 +227,11 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
 
     Under torch.distributed (torchrun, or distill.py's ranks) every rank calls it: rank r encodes clips r, r + world,
     ... into its own shards, listed in out/part_<r>.json after each shard, and rank 0 merges the parts into
-    manifest.json at the end, in the order one process would have written. A clip's id is its place in the list of
+    manifest.json at the end, in the order one process would have written. The ranks wait for each other on
+    `group` (default: the default group): its timeout must allow for the slowest rank's share. A clip's id is its place in the list of
     clips still to do, after the largest id already used, so shard names (its first clip's id) never collide."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    barrier = dist.barrier if world > 1 else lambda: None
+    barrier = (lambda: dist.barrier(group)) if world > 1 else lambda: None
     sample.check_device(device)
     model_type, demo = load_config(ckpt_dir).model_type, sample.demo_config(ckpt_dir)
     frames, size = frames or demo.get("frames", 81), size or demo.get("size", "832*480")
@@ -321,7 +322,7 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
             os.remove(os.path.join(out, f))
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, fits)  # also waits for the merge
+        dist.all_gather_object(gathered, fits, group)  # also waits for the merge
         fits = sum(gathered, [])
     man = read_manifest(out)
     counts = ", ".join(f"{k} {len(v)}" for k, v in man["skipped"].items() if v) or "none"

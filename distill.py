@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 import data as D
 from model import Discriminator, WanModel
@@ -82,8 +84,13 @@ class Config:
     r1_sigma_t: float = 0.1  # STR1 temporal perturbation [paper]
     ema: float = 0.995  # EMA decay [paper]
     sp: int = 1  # Ulysses sequence-parallel degree (divides world size and num_heads)
+    timeout_min: float = 30.0  # a collective of the training steps that waits this long means a rank is stuck:
+    #   the run stops (NCCL's watchdog). Ranks waiting for one rank's long work (precomputing latents, writing a
+    #   checkpoint or the student) wait on a separate gloo group, up to wait_hours
+    wait_hours: float = 24.0  # see timeout_min
     grad_ckpt: bool = True  # per-block activation checkpointing
-    param_dtype: str = "bf16"  # FSDP compute dtype on GPU (CPU always runs fp32); grads reduce in fp32
+    param_dtype: str = ""  # compute dtype, bf16 | fp32 (empty: bf16 on GPU, fp32 on CPU); master weights, grads, Adam
+    #   and the EMA stay fp32, the frozen teacher is kept in this dtype
     log_every: int = 10  # steps between lines of OUT/log.jsonl
     ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM)
     keep_ckpts: int = 3  # the newest k complete checkpoints are kept
@@ -140,6 +147,8 @@ def parse_args(argv):
         except (KeyError, ValueError):
             fail(f"--{name}={val!r}: expected a {typ}")
         setattr(cfg, name, v)
+    if cfg.param_dtype not in ("", "bf16", "fp32"):
+        fail(f"--param_dtype={cfg.param_dtype!r}: use bf16 or fp32 (or leave it out: bf16 on GPU, fp32 on CPU)")
     if cfg.disc_backbone not in ("ema", "live", "teacher"):
         fail(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
     if not 0 <= cfg.csds_guide_until <= 1 or cfg.csds_guide_scale < 0:
@@ -384,31 +393,74 @@ def launch_env():
 
 def setup_dist(cfg, rank, world, local_rank, init_method):
     """nccl on GPU, gloo on CPU; nothing is written to os.environ, so main() can run again in one process.
-    Returns (device, dp_rank, dp, sp_group)."""
+    Returns (device, dp_rank, dp, sp_group, wait_group): wait_group, gloo with a timeout of wait_hours, is where ranks
+    wait for one rank's long work, so the training collectives can keep a timeout that fits a step."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(minutes=cfg.timeout_min))
+    wait_group = dist.new_group(backend="gloo", timeout=timedelta(hours=cfg.wait_hours))
     if world % cfg.sp:
         fail(f"--sp={cfg.sp} must divide the world size {world}")
     groups = [dist.new_group(list(range(i * cfg.sp, (i + 1) * cfg.sp))) for i in range(world // cfg.sp)]
     sp_group = groups[rank // cfg.sp] if cfg.sp > 1 else None
-    return torch.device("cuda" if cuda else "cpu"), rank // cfg.sp, world // cfg.sp, sp_group
+    return torch.device("cuda" if cuda else "cpu"), rank // cfg.sp, world // cfg.sp, sp_group, wait_group
 
 
-def shard(model, device, cfg):
-    """FSDP2: one unit per DiT block (as official), the rest in the root unit; bf16 compute, fp32 reduce on GPU.
-    One CPU process is left unsharded: FSDP would only add overhead there (about 1.5x), with the same numbers."""
-    if dist.get_world_size() == 1 and device.type == "cpu":
+def compute_dtype(cfg, device):
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+
+def shard(model, device, dtype):
+    """FSDP2 over every rank: one unit per DiT block (as official), the rest in the root unit; compute in dtype, grads
+    reduced in fp32. One CPU process in fp32 is left unsharded: FSDP would only add overhead (about 1.5x) there."""
+    if dist.get_world_size() == 1 and device.type == "cpu" and dtype == torch.float32:
         return model
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype] if device.type == "cuda" else torch.float32
     # the model casts its own inputs (the residual stream stays fp32), so FSDP must not
-    mp = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+@torch.no_grad()
+def fill(model, state, dtype=None):
+    """Copy into each parameter its rank's rows of the full tensor state[name] (FSDP2 shards dim 0 as torch.chunk does),
+    cast to dtype. With memory-mapped views in state, a rank reads only its own rows and moves only them to its device."""
+    for name, p in model.named_parameters():
+        full = state[name]
+        if isinstance(p, DTensor):
+            rows = full.chunk(p.device_mesh.size())
+            r = p.device_mesh.get_local_rank()
+            full, p = rows[r] if r < len(rows) else full[:0], p.to_local()
+        p.copy_(full.to(dtype or p.dtype))
+
+
+def sharded_dit(cfg, device, sp_group, wan_cfg, state, dtype=torch.float32, lora_rank=0):
+    """A DiT sharded over every rank without a full copy on any: built on the meta device, sharded, then each rank
+    fills its own shards from `state` (the checkpoint's memory-mapped tensors), stored in dtype. lora_rank: with the
+    fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank."""
+    with torch.device("meta"):
+        model = WanModel(wan_cfg)
+    lora = add_lora(model, lora_rank) if lora_rank else None  # real CPU tensors: their initial values
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+    model.to(device="meta", dtype=dtype).requires_grad_(False)
+    for block in model.blocks if lora else ():
+        block.lora.float().requires_grad_(True)
+    model.grad_ckpt, model.sp_group = cfg.grad_ckpt, sp_group
+    shard(model, device, compute_dtype(cfg, device))
+    model.to_empty(device=device)
+    fill(model, state | init)
+    return model, lora
+
+
+def teacher_weights(path):
+    """The checkpoint's WanConfig and weights {name: tensor}: memory-mapped views, checked against the official layout."""
+    src = WanModel.from_pretrained(path)
+    return src.cfg, dict(src.named_parameters())
 
 
 def tap_blocks(n_layers, k):
@@ -417,20 +469,21 @@ def tap_blocks(n_layers, k):
 
 
 class Models:
-    """The generator G, its EMA E, the teacher T with the fake-score LoRA, the discriminator heads, the D backbone."""
+    """The generator G, its EMA E, the teacher T with the fake-score LoRA, the discriminator heads, the D backbone.
+    G and E hold fp32 weights (E's 0.995 update moves a weight by 0.005 of a difference that bf16's 8 bits would
+    round away); the frozen teacher is kept in the compute dtype, its LoRA in fp32. The heads compute in fp32 (they
+    are under 1% of D's FLOPs, and STR1's finite difference D(x + delta) - D(x) is below bf16's resolution)."""
 
     def __init__(self, cfg, device, sp_group):
-        load = lambda: WanModel.from_pretrained(cfg.teacher)  # fp32 memory-mapped; FSDP moves each rank's shard
-        self.gen, self.ema, self.teacher = load().requires_grad_(True).train(), load(), load()
-        self.lora = add_lora(self.teacher, cfg.lora_rank)
-        taps = tap_blocks(self.gen.cfg.num_layers, cfg.disc_taps)
-        self.disc = Discriminator(self.gen.cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
-        self.live = load() if cfg.disc_backbone == "live" else None  # a frozen copy of G, synced every step
-        for mdl in (self.gen, self.ema, self.teacher, self.live):
-            if mdl is not None:
-                mdl.grad_ckpt, mdl.sp_group = cfg.grad_ckpt, sp_group
-                shard(mdl, device, cfg)
-        shard(self.disc, device, cfg)
+        wan_cfg, state = teacher_weights(cfg.teacher)
+        dit = lambda dtype=torch.float32, lora=0: sharded_dit(cfg, device, sp_group, wan_cfg, state, dtype, lora)[0]  # noqa: E731
+        self.gen, self.ema = dit().requires_grad_(True).train(), dit()
+        self.teacher, self.lora = sharded_dit(cfg, device, sp_group, wan_cfg, state, compute_dtype(cfg, device),
+                                              cfg.lora_rank)
+        taps = tap_blocks(wan_cfg.num_layers, cfg.disc_taps)
+        self.disc = Discriminator(wan_cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
+        shard(self.disc, device, torch.float32)
+        self.live = dit() if cfg.disc_backbone == "live" else None  # a frozen copy of G, synced every step
         self.backbone = {"ema": self.ema, "live": self.live, "teacher": self.teacher}[cfg.disc_backbone]
 
 
@@ -472,28 +525,29 @@ def train_state(m, opts):
     return state
 
 
-def save_ckpt(cfg, m, opts, step, extra):
+def save_ckpt(cfg, m, opts, step, group, extra):
+    """DCP's own coordination and the waits for rank 0's rename and pruning run on the gloo wait group."""
     rank, final = dist.get_rank(), os.path.join(cfg.out, f"ckpt_{step:08d}")
     tmp = final + ".tmp"
-    dcp.save(train_state(m, opts), checkpoint_id=tmp)
+    dcp.save(train_state(m, opts), checkpoint_id=tmp, process_group=group)
     torch.save(extra, os.path.join(tmp, f"rank{rank}.pt"))  # RNG state and data position of this rank
-    dist.barrier()
+    dist.barrier(group)
     if rank == 0:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
         os.replace(tmp, final)  # atomic: resume only ever sees complete checkpoints
         prune(cfg.out, cfg.keep_ckpts)
-    dist.barrier()
+    dist.barrier(group)
 
 
-def load_ckpt(path, m, opts, phase1_steps):
+def load_ckpt(path, m, opts, phase1_steps, group):
     """Restore every model and optimizer. The heads train only in Phase II, so from a checkpoint taken before it
     they are left as this run built them: a shared Phase I can start runs whose heads differ (width, taps, ...)."""
     extra = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
     parts = [("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])]
     parts = [p for p in parts if p[0] != "disc" or extra["step"] > phase1_steps]
     state = {k: v for k, v in train_state(m, opts).items() if k.removeprefix("opt_") in {p[0] for p in parts} | {"ema"}}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, process_group=group)
     for name, mdl, opt in parts:
         set_state_dict(mdl, opt, model_state_dict=state[name], optim_state_dict=state["opt_" + name],
                        options=StateDictOptions(ignore_frozen_params=True, strict=name != "lora"))
@@ -501,7 +555,7 @@ def load_ckpt(path, m, opts, phase1_steps):
     return extra
 
 
-def export_student(cfg, m):
+def export_student(cfg, m, group):
     """The EMA generator as one safetensors file with the official key names, plus its config.json."""
     from safetensors.torch import save_file
     sd = get_state_dict(m.ema, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
@@ -513,7 +567,7 @@ def export_student(cfg, m):
         shutil.copy(os.path.join(cfg.teacher, "config.json"), os.path.join(cfg.out, "config.json"))
         print(f"exported the EMA generator to {path}")
         prune(cfg.out, 1)  # the newest checkpoint alone can continue the run
-    dist.barrier()
+    dist.barrier(group)  # while rank 0 writes
 
 
 @torch.no_grad()
@@ -587,7 +641,7 @@ def main(argv, launch=None):
     cfg = parse_args(argv)
     if cfg.export_lora:
         return export_lora(cfg)
-    device, dp_rank, dp, sp_group = setup_dist(cfg, *(launch or launch_env()))
+    device, dp_rank, dp, sp_group, wait_group = setup_dist(cfg, *(launch or launch_env()))
     rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
         fail(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
@@ -600,7 +654,8 @@ def main(argv, launch=None):
     data_dir = cfg.data
     try:
         if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, the clips split over the ranks
-            data_dir = D.precompute(cfg.teacher, cfg.data, os.path.join(cfg.out, "latents"), device=device.type)
+            data_dir = D.precompute(cfg.teacher, cfg.data, os.path.join(cfg.out, "latents"), device=device.type,
+                                    group=wait_group)
         dataset = D.LatentDataset(data_dir)
         vds = D.LatentDataset(cfg.val_data) if cfg.val_data else None
     except (FileNotFoundError, ValueError) as e:
@@ -640,7 +695,7 @@ def main(argv, launch=None):
     step, bad = 0, 0
     ck = latest_ckpt(cfg.out)
     if ck:
-        extra = load_ckpt(ck, m, opts, cfg.phase1_steps)
+        extra = load_ckpt(ck, m, opts, cfg.phase1_steps, wait_group)
         step, bad = extra["step"], extra["bad"]
         rng.set_state(extra["rng"])
         loader.load_state_dict(extra["loader"])
@@ -734,14 +789,14 @@ def main(argv, launch=None):
                     tb.add_scalar(k, v, step)
             sums, n_log = {}, 0
         if step % cfg.ckpt_every == 0 or step == total or flag.item():
-            save_ckpt(cfg, m, opts, step, {"step": step, "bad": bad, "rng": rng.get_state(), "loader": loader.state_dict()})
+            save_ckpt(cfg, m, opts, step, wait_group, {"step": step, "bad": bad, "rng": rng.get_state(), "loader": loader.state_dict()})
         if flag.item():
             if master:
                 print(f"stopped at step {step}: " + ("too many non-finite losses; lower the lr or check the data"
                                                      if bad >= cfg.max_bad_steps else "checkpoint saved; rerun to resume"))
             dist.destroy_process_group()
             sys.exit(1 if bad >= cfg.max_bad_steps else 0)
-    export_student(cfg, m)
+    export_student(cfg, m, wait_group)
     for f in (log, tb):  # closed here: under torchrun the process ends with os._exit (D.end_rank)
         if f is not None:
             f.close()

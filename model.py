@@ -324,10 +324,12 @@ class WanModel(nn.Module):
     # loading
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", weights=None):
+    def from_pretrained(cls, path, dtype=None, device="cpu", weights=None, edit=None):
         """Load an official checkpoint directory (config.json + single or sharded safetensors), or one
         .safetensors file with the official key names (e.g. an exported student) with config.json beside it.
         weights: another .safetensors file to take the weights from (a student of the checkpoint at path).
+        edit(name, tensor) -> tensor: applied to each file tensor before the cast to dtype (sample.py merges LoRAs
+        there, in fp32, so a bf16 model rounds once).
 
         The model is built on the meta device and filled with tensors memory-mapped from the files, so a
         checkpoint is never held twice in memory. dtype None keeps the file's dtype (fp32 for Wan); with
@@ -342,7 +344,7 @@ class WanModel(nn.Module):
             for name, tensor in read_safetensors(shard):
                 keep32 = dtype is not None and (name.startswith(FP32_PREFIXES) or "modulation" in name)
                 target = torch.float32 if keep32 and tensor.is_floating_point() else dtype
-                state[name] = tensor.to(device=device, dtype=target)
+                state[name] = (edit(name, tensor) if edit else tensor).to(device=device, dtype=target)
         load_strict(model, state, weights or path)
         return model.eval().requires_grad_(False)
 
@@ -372,14 +374,15 @@ class DiscHead(nn.Module):
 
     def forward(self, h, ctx=None):
         # h (B, L, D): hidden states of one tapped block; ctx (B, Lc, D): the backbone's embedded context
-        n = self.queries.shape[1]
+        # the heads compute in their parameters' dtype (bf16 under FSDP2's mixed precision); the logit is fp32
+        n, dt = self.queries.shape[1], self.q.weight.dtype
         z = self.queries.expand(h.shape[0], -1, -1)
         if hasattr(self, "sem"):
-            z = self.sem(torch.cat([z, self.ctx_proj(ctx.float())], dim=1))[:, :n]  # keep the query positions
+            z = self.sem(torch.cat([z, self.ctx_proj(ctx.to(dt))], dim=1))[:, :n]  # keep the query positions
         q = rearrange(self.q(z), "b n (h d) -> b n h d", h=self.heads)
-        k, v = rearrange(self.kv(self.norm_h(h.float())), "b l (two h d) -> two b l h d", two=2, h=self.heads)
+        k, v = rearrange(self.kv(self.norm_h(h.float()).to(dt)), "b l (two h d) -> two b l h d", two=2, h=self.heads)
         z = z + self.o(kernels.attention(q, k, v).flatten(2))  # (B, n, width)
-        return self.mlp(z).mean(dim=(1, 2))  # (B,)
+        return self.mlp(z).float().mean(dim=(1, 2))  # (B,)
 
 
 class Discriminator(nn.Module):
