@@ -8,18 +8,25 @@
       on fake tensors, by category, and the fewest 80 GB / 141 GB GPUs; first checked against a measured 2-rank
       gloo run at small size. Without --preset: I2V-14B at 480p and 720p (world 8, sp 8) and T2V-1.3B (world 1).
   python bench.py compile [--tiny]
-      Every Triton kernel and autotune config built for sm_90a and sm_80 (no GPU needed): registers, spills,
-      shared memory, wgmma. --tiny: only the self-attention and fused-op shapes (what the test builds).
+      Every Triton kernel, and each arch's own autotune configs, built for sm_90a and sm_80 (no GPU needed):
+      registers, spills, shared memory, wgmma. --tiny: only the self-attention and fused-op shapes (what the test
+      builds).
   python bench.py kernels [--tiny]
-      On a GPU: bf16 attention fwd/bwd checked against fp64 beside SDPA's own bf16 error; attention TFLOP/s at
-      Wan shapes beside SDPA cuDNN and flash; GB/s of the fused norm ops against a copy of the same bytes; one
-      DiT forward at 14B width, 480p x 81 frames. --tiny: the same code at tiny sizes on CPU, interpreted.
-  python bench.py gpu [--out gpu_summary.json] [--tiny]
-      The GPU acceptance run, one call: the kernels as above, a 4-block 14B-width DiT forward + backward with its
-      memory beside MemTracker's prediction, a few distill.py steps on a tiny checkpoint (world 1) and a one-step
-      sample.py on the bundled demo at 832x480 x 81 frames with stage times; a JSON summary.
+      On a GPU: bf16 attention fwd/bwd checked against fp64 beside SDPA's own bf16 error; attention time and TFLOP/s
+      at Wan shapes beside the PyTorch path (SDPA) and SDPA's cuDNN and flash; the fused norm ops beside their
+      PyTorch references and a copy of the same bytes. --tiny: the same code at tiny sizes on CPU, interpreted.
+  python bench.py gpu [--part kernels|models] [--out gpu_summary.json] [--tiny]
+      The GPU acceptance run in two parts of at most 6 minutes each (no --part: both, one after the other), merged
+      into one JSON summary rewritten after every section; a section that fails records its error, the rest runs.
+      kernels: as above, then the faster path per op on this GPU written to kernels/measured.json (what
+      VPAE_KERNELS=auto reads). models: one DiT forward at 14B width, 480p x 81 frames; a 4-block 14B-width DiT
+      forward + backward with its memory beside MemTracker's prediction; a few distill.py steps on a tiny checkpoint
+      (world 1); a one-step sample.py on the bundled demo at 832x480 x 81 frames with stage times.
   python bench.py load CKPT_DIR
       Peak RSS while loading an official checkpoint and touching every weight, against its size.
+  python bench.py startup CKPT_DIR [--world 2] [--dtype bf16]
+      distill.py's start-up on --world gloo ranks: the peak RSS of each rank once distill.Models is built (G, its
+      EMA, the teacher in --dtype, the heads), against the checkpoint's size.
 """
 import argparse
 import json
@@ -27,6 +34,7 @@ import math
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -35,14 +43,35 @@ import torch
 import torch.nn.functional as F
 
 
-def timer(fn, grad_to_none=None):
-    """Milliseconds per call: the median of triton's do_bench on a GPU, one timed call on CPU."""
-    if torch.cuda.is_available():
-        from triton.testing import do_bench
-        return do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
-    t0 = time.perf_counter()
+CUDA = torch.cuda.is_available()
+
+
+def timer(fn, grad_to_none=(), n=5 if CUDA else 1, budget_ms=300 if CUDA else 0):
+    """Milliseconds per call after one untimed warm-up call (it compiles and autotunes): the median, min and max of at
+    least n calls, and of more while they add up to under budget_ms (at most 100), each between CUDA events on a
+    GPU. Unlike triton's do_bench, which takes one sample of a call over 100 ms, a slow call still gets n samples.
+    On CPU (--tiny checks code paths, not speed) one call."""
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    ms = []
+    while len(ms) < n or (sum(ms) < budget_ms and len(ms) < 100):
+        for t in grad_to_none:
+            t.grad = None
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms.append((time.perf_counter() - t0) * 1e3)
+    return dict(ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), n=len(ms))
+
+
+def _ms(t):  # a timer result as text: median [min-max] xn
+    return f"{t['ms']:9.2f} ms [{t['min_ms']:.2f}-{t['max_ms']:.2f}] x{t['n']}"
 
 
 def _kernels():
@@ -89,16 +118,17 @@ def check_attention(dev, dt, tiny):
 
 
 def bench_attention(dev, dt, tiny):
-    """TFLOP/s forward and backward: Triton beside SDPA's cuDNN and flash backends (FLOPs = 4 B H Lq Lk D fwd)."""
+    """Time and TFLOP/s forward and backward (FLOPs = 4 B H Lq Lk D fwd, 2.5x that bwd): Triton beside the PyTorch
+    path `auto` falls back to (SDPA with its own backend choice) and, on a GPU, SDPA's cuDNN and flash backends."""
     from torch.nn.attention import SDPBackend
     A = _kernels()[0]
     shapes = [("self", 1, 2, 40, 40, 64), ("cross", 1, 2, 40, 12, 64)] if tiny else \
         [("self 32760", 1, 40, 32760, 32760, 128), ("self 75600", 1, 40, 75600, 75600, 128),
          ("cross 32760x512", 1, 40, 32760, 512, 128)]
-    impls = [("triton", A.flash_attention)] + ([("sdpa-math", _sdpa(SDPBackend.MATH))] if dev == "cpu" else
-                                               [("sdpa-cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION)),
-                                                ("sdpa-flash", _sdpa(SDPBackend.FLASH_ATTENTION))])
-    print(f"attention speed ({dt}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu interpreter'})")
+    impls = [("triton", A.flash_attention), ("torch", A.attention_ref)] + ([] if dev == "cpu" else [
+        ("sdpa-cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa-flash", _sdpa(SDPBackend.FLASH_ATTENTION))])
+    print(f"attention speed ({dt}, {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu interpreter'}; "
+          f"median [min-max] x samples)")
     out = []
     for name, B, H, Lq, Lk, D in shapes:
         q, k, v = (torch.randn(B, L, H, D, device=dev, dtype=dt, requires_grad=True) for L in (Lq, Lk, Lk))
@@ -106,27 +136,30 @@ def bench_attention(dev, dt, tiny):
         for impl, fn in impls:
             try:
                 with torch.no_grad():
-                    ms_f = timer(lambda: fn(q, k, v))
+                    t_f = timer(lambda: fn(q, k, v))
                 o = fn(q, k, v)
                 do = torch.randn_like(o)
-                ms_b = timer(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v])
-            except RuntimeError as e:  # e.g. a backend that does not take this shape on this GPU
-                print(f"  {name:16s} {impl:11s} n/a: {str(e).splitlines()[0][:100]}")
+                t_b = timer(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v])
+            except Exception as e:  # e.g. a backend that does not take this shape on this GPU: `auto` then picks torch
+                print(f"  {name:16s} {impl:11s} n/a: {_line(e)}")
+                out.append(dict(shape=name, impl=impl, error=_line(e)))
                 continue
-            print(f"  {name:16s} {impl:11s} fwd {ms_f:9.2f} ms {flops / ms_f / 1e9:7.1f} TFLOP/s   "
-                  f"bwd {ms_b:9.2f} ms {2.5 * flops / ms_b / 1e9:7.1f} TFLOP/s")
-            out.append(dict(shape=name, impl=impl, fwd_tflops=flops / ms_f / 1e9, bwd_tflops=2.5 * flops / ms_b / 1e9))
-            del o, do
+            finally:
+                o = do = None  # freed before the next impl, after an error too
+            print(f"  {name:16s} {impl:11s} fwd {_ms(t_f)} {flops / t_f['ms'] / 1e9:7.1f} TFLOP/s   "
+                  f"bwd {_ms(t_b)} {2.5 * flops / t_b['ms'] / 1e9:7.1f} TFLOP/s")
+            out.append(dict(shape=name, impl=impl, fwd=t_f, bwd=t_b, fwd_tflops=flops / t_f["ms"] / 1e9,
+                            bwd_tflops=2.5 * flops / t_b["ms"] / 1e9))
         del q, k, v
     return out
 
 
 def bench_fused(dev, tiny):
-    """GB/s of the fused norm ops (fwd and bwd, the [B, L, D] tensors they must read and write) against a
-    clone of the same number of bytes."""
+    """Time and GB/s of the fused norm ops, Triton beside their PyTorch references (fwd and bwd; the bytes are the
+    [B, L, D] tensors they must read and write), and a clone of the same number of bytes."""
     _, N, R = _kernels()
     D, H = (64, 4) if tiny else (5120, 40)
-    print(f"fused ops bandwidth (D={D}; copy = clone() moving the same bytes)")
+    print(f"fused ops (D={D}; median [min-max] x samples; copy = clone() moving the same bytes)")
     out = []
     for L in ((16,) if tiny else (32760, 75600)):
         x32 = torch.randn(1, L, D, device=dev, requires_grad=True)
@@ -135,50 +168,106 @@ def bench_fused(dev, tiny):
         w = torch.randn(D, device=dev, requires_grad=True)
         ang = torch.rand(L, D // H // 2, device=dev)
         cos, sin = ang.cos(), ang.sin()
-        ops = [  # name, run, bytes fwd (x in, y out), bytes bwd (x, dy in, dx out)
-            ("ln_modulate fp32->bf16", lambda: N.ln_modulate(x32, *e.chunk(2, dim=1), 1e-6, torch.bfloat16),
-             L * D * (4 + 2), L * D * (4 + 2 + 4), [x32, e]),
-            ("qk_norm_rope bf16", lambda: R.qk_norm_rope(xb, w, H, 1e-6, cos, sin),
+        ops = [  # op (as kernels.winner names it), dtypes, Triton, reference, args, bytes fwd (x in, y out),
+            # bytes bwd (x, dy in, dx out), leaves
+            ("ln_modulate", "fp32->bf16", N.ln_modulate, N.ln_modulate_ref,
+             (x32, *e.chunk(2, dim=1), 1e-6, torch.bfloat16), L * D * (4 + 2), L * D * (4 + 2 + 4), [x32, e]),
+            ("qk_norm_rope", "bf16", R.qk_norm_rope, R.qk_norm_rope_ref, (xb, w, H, 1e-6, cos, sin),
              L * D * (2 + 2) + 2 * cos.numel() * 4, L * D * (2 + 2 + 2) + 2 * cos.numel() * 4, [xb, w]),
         ]
-        for name, fn, b_f, b_b, leaves in ops:
-            with torch.no_grad():
-                ms_f = timer(fn)
-            y = fn()
-            dy = torch.randn_like(y)
-            ms_b = timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
-            line = []
-            for tag, ms, nbytes in (("fwd", ms_f, b_f), ("bwd", ms_b, b_b)):
+        for op, dts, tri, ref, args, b_f, b_b, leaves in ops:
+            copy = {}
+            for tag, nbytes in (("fwd", b_f), ("bwd", b_b)):
                 buf = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
-                ms_c = timer(lambda: buf.clone())
-                line.append(f"{tag} {nbytes / ms / 1e6:7.0f} GB/s (copy {nbytes / ms_c / 1e6:7.0f}, "
-                            f"{ms_c / ms:4.0%} of it)")
-                out.append(dict(op=name, L=L, dir=tag, gbps=nbytes / ms / 1e6, copy_gbps=nbytes / ms_c / 1e6))
-            print(f"  L={L:6d} {name:24s} " + "   ".join(line))
+                copy[tag] = timer(lambda: buf.clone())
+            for impl, fn in (("triton", tri), ("torch", ref)):
+                with torch.no_grad():
+                    t = {"fwd": timer(lambda: fn(*args))}
+                y = fn(*args)
+                dy = torch.randn_like(y)
+                t["bwd"] = timer(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
+                line = []
+                for tag, nbytes in (("fwd", b_f), ("bwd", b_b)):
+                    gbps, copy_gbps = nbytes / t[tag]["ms"] / 1e6, nbytes / copy[tag]["ms"] / 1e6
+                    line.append(f"{tag} {_ms(t[tag])} {gbps:7.0f} GB/s ({gbps / copy_gbps:4.0%} of copy)")
+                    out.append(dict(op=op, impl=impl, L=L, dir=tag, **t[tag], gbps=gbps, copy_gbps=copy_gbps))
+                print(f"  L={L:6d} {op} {dts:10s} {impl:6s} " + "   ".join(line))
+                del y, dy
     return out
+
+
+def kernel_choice(res, path):
+    """Per op, the path `auto` is to take on this chip, from this run's timings: Triton where its fwd + bwd time,
+    summed over the shapes, is at most the PyTorch path's (and it ran them all), else torch. Merged into the per-chip
+    table at path (kernels/measured.json on a GPU), written atomically; speedup = torch time / Triton time."""
+    got = lambda k: res[k] if isinstance(res.get(k), list) else []  # a failed section: no rows, so torch  # noqa: E731
+    rows = [dict(r, op="attention", ms=r["fwd"]["ms"] + r["bwd"]["ms"]) if "fwd" in r else dict(r, op="attention")
+            for r in got("attention_speed")] + got("fused_ops")
+    choice = {}
+    for op in ("attention", "ln_modulate", "qk_norm_rope"):
+        tri, ref = ([r for r in rows if r["op"] == op and r["impl"] == i] for i in ("triton", "torch"))
+        if not tri or not ref or any("error" in r for r in tri + ref):
+            choice[op] = {"use": "torch", "speedup": None}
+            continue
+        speedup = sum(r["ms"] for r in ref) / sum(r["ms"] for r in tri)
+        choice[op] = {"use": "triton" if speedup >= 1 else "torch", "speedup": round(speedup, 3)}
+    chip = torch.cuda.get_device_name() if CUDA else "cpu"
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+    table[chip] = table.get(chip, {}) | choice
+    write_json(path, table)
+    import kernels
+    kernels._table = None  # read again at the next op: a later section of this run takes the new winners
+    print(f"kernel choice for {chip} (in {path}): {choice}")
+    return choice
+
+
+def write_json(path, obj):
+    """obj as JSON at path, written whole or not at all (a temporary file, then os.replace)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _line(e):  # an exception in one line
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def _model(cfg, dev, dt):
+    """A WanModel with random (official-init) weights, created in dt on dev: at 14B width never in fp32 (61 GiB)."""
+    from model import WanModel
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(dev):
+            return WanModel(cfg)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def dit_latency(dev, tiny):
     """One DiT forward at 14B width (random bf16 weights, 480p x 81 frames), and what 1 step and 50 CFG steps cost."""
-    from model import PRESETS, WanConfig, WanModel
+    from model import PRESETS, WanConfig
     cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else PRESETS["i2v-14B"]
     F_, H, W = (2, 4, 4) if tiny else (21, 60, 104)  # latent of 81 frames at 832x480
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    dt = torch.bfloat16
 
     def build():
+        m = _model(cfg, dev, dt).eval()
         with torch.device(dev):
-            m = WanModel(cfg).eval()
-            for p in m.parameters():  # in place: on fake tensors .to() would swap tensors FakeTensorMode holds weakrefs to
-                p.data = p.data.to(dt)
             x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
             ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
             t = torch.tensor([999])
         return lambda: m(x, t, ctx, clip, y)
 
     with torch.no_grad():
-        ms = timer(build())
-        res = dict(tokens=F_ * H * W // 4, forward_ms=ms) | mfu(fake_flops(lambda: build()()), ms / 1e3)
-    print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {res['tokens']} tokens, {dt}: {ms:.1f} ms per NFE "
+        t = timer(build())
+        ms = t["ms"]
+        res = dict(tokens=F_ * H * W // 4, forward_ms=ms, forward_min_ms=t["min_ms"], forward_max_ms=t["max_ms"],
+                   samples=t["n"]) | mfu(fake_flops(lambda: build()()), ms / 1e3)
+    print(f"DiT forward, {'tiny' if tiny else 'i2v-14B'} width, {res['tokens']} tokens, {dt}: {_ms(t)} per NFE "
           f"({_mfu_str(res)}); 1 step (1 NFE) {ms / 1e3:.2f} s vs 50 steps with CFG (100 NFE, from the per-NFE time) "
           f"{ms / 10:.1f} s")
     return res
@@ -215,13 +304,14 @@ def _mfu_str(r):
 
 
 def kernels_bench(tiny):
-    """The whole GPU measurement; tiny: the same code at tiny sizes on CPU under TRITON_INTERPRET=1."""
+    """The kernel measurements (bench.py gpu's kernels part, without the table it writes); tiny: the same code at
+    tiny sizes on CPU under TRITON_INTERPRET=1."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not (tiny and os.environ.get("TRITON_INTERPRET") == "1"):
         raise SystemExit("bench.py kernels needs a CUDA GPU; --tiny runs it on CPU under the Triton interpreter")
     dt = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
     return dict(attention_check=check_attention(dev, dt, tiny), attention_speed=bench_attention(dev, dt, tiny),
-                fused_ops=bench_fused(dev, tiny), dit_forward=dit_latency(dev, tiny))
+                fused_ops=bench_fused(dev, tiny))
 
 
 # -----------------------------------------------------------------------------
@@ -303,23 +393,25 @@ def _build(fn, args, kwargs, arch):
 
 def compile_table(cases, archs=tuple(ARCHS)):
     """Every distinct (kernel, specialization, autotune config, arch) among the cases' launches, built to cubin
-    with what ptxas reports: one dict per build."""
+    with what ptxas reports: one dict per build. An autotuned kernel is built with its own config list per arch."""
     import triton
+    A = _kernels()[0]
     rows, seen = [], set()
     with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
         triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = True, True  # ptxas runs, talks
         for case, run in cases:
             for k, args, kw in _launches(run):
-                fn = k.fn if hasattr(k, "configs") else k  # an Autotuner wraps the JITFunction; a kernel per config
-                for c in [c.all_kwargs() for c in k.configs] if hasattr(k, "configs") else [{}]:
-                    kwargs = {**kw, **c}
-                    name = f"{fn.__module__.split('.')[-1]}.{fn.__name__}"
-                    config = (f"{c['BLOCK_M']}x{c['BLOCK_N']} " if c else "") + \
-                        f"w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"  # triton's defaults: 4, 3
-                    key = (name, config, repr([a for a in args if not isinstance(a, torch.Tensor)]), repr(kw))
-                    for arch in archs:
-                        if (key, arch) not in seen:
-                            seen.add((key, arch))
+                tuned = hasattr(k, "configs")
+                fn = k.fn if tuned else k  # an Autotuner wraps the JITFunction; a kernel per config
+                name = f"{fn.__module__.split('.')[-1]}.{fn.__name__}"
+                for arch in archs:
+                    for c in [c.all_kwargs() for c in A._configs(fn.__name__, ARCHS[arch][0])] if tuned else [{}]:
+                        kwargs = {**kw, **c}
+                        config = (f"{c['BLOCK_M']}x{c['BLOCK_N']} " if c else "") + \
+                            f"w{kwargs.get('num_warps', 4)} s{kwargs.get('num_stages', 3)}"  # triton's defaults: 4, 3
+                        key = (name, config, repr([a for a in args if not isinstance(a, torch.Tensor)]), repr(kw), arch)
+                        if key not in seen:
+                            seen.add(key)
                             t0 = time.perf_counter()
                             r = _build(fn, args, kwargs, arch)
                             rows.append(dict(case=case, kernel=name, config=config, arch=arch,
@@ -328,7 +420,8 @@ def compile_table(cases, archs=tuple(ARCHS)):
 
 
 def compile_report(full):
-    """One line per kernel and config, the worst over the cases (shapes, k_lens or not) for each arch."""
+    """One line per kernel and config, the worst over the cases (shapes, k_lens or not) for each arch whose list
+    has that config."""
     cases = compile_cases(full)
     t0 = time.perf_counter()
     rows = compile_table(cases)
@@ -340,54 +433,67 @@ def compile_report(full):
         groups.setdefault((r["kernel"], r["config"]), {}).setdefault(r["arch"], []).append(r)
     for (kernel, config), by_arch in groups.items():
         line = f"{kernel:28s} {config:13s}"
-        for arch, rs in by_arch.items():
+        for arch in ARCHS:
+            rs = by_arch.get(arch)
+            if not rs:  # not in this arch's list
+                line += f" | {arch:6s} {'-':>4s}" + " " * 40
+                continue
             w = lambda k: max(r[k] for r in rs)  # noqa: E731
             line += f" | {arch:6s} {w('regs'):4d} {w('spill_st'):6d}/{w('spill_ld'):<6d} {w('smem') / 1024:8.0f} " \
                     f"({rs[0]['smem_max'] // 1024}) {'/'.join(sorted({r['mma'] for r in rs})):5s}"
         print(line)
     bad = [r for r in rows if r["spill_st"] or r["spill_ld"] or r["smem"] > r["smem_max"]]
-    print(f"{len(bad)} of {len(rows)} builds spill registers or overflow shared memory")
+    print(f"{len(bad)} of {len(rows)} builds spill registers or overflow shared memory" +
+          "".join(f"\n  {r['arch']} {r['kernel']} {r['config']} ({r['case']})" for r in bad))
 
 
 def dit_memory(dev, tiny):
     """A few DiT blocks at 14B width, 480p x 81 frames, bf16: forward + backward with per-block checkpointing. The
-    measured peak beside MemTracker's prediction on fake tensors of the same run (which takes the PyTorch path of
-    the kernels: fake tensors cannot launch Triton)."""
+    measured peak of a step (after a warm-up step that autotunes) beside MemTracker's prediction on fake tensors of
+    the same step (which takes the PyTorch path of the kernels: fake tensors cannot launch Triton)."""
     from dataclasses import replace
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     import kernels
-    from model import PRESETS, WanConfig, WanModel
+    from model import PRESETS, WanConfig
     cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else \
         replace(PRESETS["i2v-14B"], num_layers=4)
     F_, H, W = (2, 4, 4) if tiny else (21, 60, 104)
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    dt = torch.bfloat16
 
-    def step():
+    def build():
+        m = _model(cfg, dev, dt)
+        m.grad_ckpt = True
         with torch.device(dev):
-            m = WanModel(cfg)
-            for p in m.parameters():  # in place: under the tracker, .to() would swap tensors it holds weakrefs to
-                p.data = p.data.to(dt)
-            m.grad_ckpt = True
             x, y = torch.randn(1, 16, F_, H, W), torch.randn(1, 20, F_, H, W)
             ctx, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.clip_dim)
-        m(x, torch.tensor([999], device=dev), ctx, clip, y).square().mean().backward()
+            t = torch.tensor([999])
+        return m, (x, t, ctx, clip, y)
+
+    def step(m, inputs):
+        m(*inputs).square().mean().backward()
 
     mode, kernels.MODE = kernels.MODE, "torch"
     try:
         with FakeTensorMode(), MemTracker() as mt:
-            step()
+            step(*build())  # the model is built inside: the prediction counts its weights, as the peak below does
     finally:
         kernels.MODE = mode
     pred = max(v["Total"] for v in mt.get_tracker_snapshot("peak").values())  # the device's (a few bytes on CPU)
     res = dict(blocks=cfg.num_layers, tokens=F_ * H * W // 4, tracked_peak_gib=pred / 2**30)
+    m, inputs = build()
+    step(m, inputs)  # warm-up: the first step autotunes the kernels
+    m.zero_grad(set_to_none=True)
     if dev == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        res |= dict(measured_peak_gib=torch.cuda.max_memory_allocated() / 2**30, fwd_bwd_s=time.perf_counter() - t0)
-        res |= mfu(fake_flops(step), res["fwd_bwd_s"])  # checkpointing's recomputed forward counts as done work
+    t = timer(lambda: step(m, inputs), grad_to_none=list(m.parameters()))
+    res |= dict(fwd_bwd_s=t["ms"] / 1e3, fwd_bwd_min_s=t["min_ms"] / 1e3, fwd_bwd_max_s=t["max_ms"] / 1e3,
+                samples=t["n"])
+    if dev == "cuda":
+        res["measured_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del m, inputs
+    res |= mfu(fake_flops(lambda: step(*build())), res["fwd_bwd_s"])  # checkpointing's recomputed forward counts
     print(f"DiT forward + backward, {res['blocks']} blocks, {res['tokens']} tokens, checkpointing, {dt}: " +
           ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
                     if k not in ("flops", "tflops_s", "mfu")) + (f"; {_mfu_str(res)}" if "flops" in res else ""))
@@ -418,13 +524,14 @@ def tiny_run_files(root, model_type="t2v", dim=64, heads=4, layers=2, frames=9, 
 
 
 def distill_run(root):
-    """A few real distill.py steps (both phases, a checkpoint, the export) in this process: NCCL on a GPU, world 1."""
+    """A few real distill.py steps (both phases, a checkpoint, the export) in this process: NCCL on a GPU, world 1.
+    Its log's peak_mem_gib is this run's own: bench.py gpu resets the peak before each section."""
     import distill
     ckpt, lat = tiny_run_files(root)
     out = os.path.join(root, "run")
     t0 = time.perf_counter()
     distill.main([f"--teacher={ckpt}", f"--data={lat}", f"--out={out}", "--phase1_steps=2", "--phase2_steps=2",
-                  "--batch_size=1", "--log_every=1"])
+                  "--batch_size=1", "--log_every=1", "--param_dtype=bf16"])
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     assert all(math.isfinite(v) for r in log for v in r.values()), "a non-finite loss"
@@ -438,10 +545,11 @@ def sample_run(root, tiny):
     """The README's one-step sample on the bundled demo (tiny weights), at 832x480 x 81 frames on a GPU: stage times."""
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "sample.py"), "--image", os.path.join(here, "assets", "example.png"),
-           "--out", os.path.join(root, "sample.mp4")] + ([] if tiny else ["--size=832*480", "--frames=81"])
+           "--out", os.path.join(root, "sample.mp4"), "--dtype=bf16"] + \
+        ([] if tiny else ["--size=832*480", "--frames=81"])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if r.returncode:
-        raise SystemExit(f"sample.py failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"sample.py failed:\n{r.stderr[-3000:]}")
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("time: "))
     *stages, total = line[6:].split(" | ")  # "name 1.2s | ... | total 3.4s, 2.1s without the VAE decode"
     times = {k: float(v.rstrip("s")) for k, v in (part.rsplit(" ", 1) for part in stages)}
@@ -451,23 +559,55 @@ def sample_run(root, tiny):
     return res
 
 
+# (minutes on an H100, an estimate from reading the code: not measured yet), sections; kernel_choice writes the table
+GPU_PARTS = {"kernels": (5, ["attention_check", "attention_speed", "fused_ops", "kernel_choice"]),
+             "models": (3, ["dit_forward", "dit_train_memory", "distill", "sample"])}
+
+
 def gpu(a):
-    """One call on one GPU (at most 8 minutes on an H100/H200): every part below, and a JSON summary in --out."""
+    """The GPU acceptance run in parts (--part kernels | models, each at most 6 minutes; all: both). Each section runs
+    on its own: a failure records {"error": ...} and the run goes on; --out is rewritten after every section and
+    keeps what other parts wrote there. On CPU, --tiny runs the same code at tiny sizes, bf16 where a GPU runs bf16
+    (the attention kernel in fp16: the interpreter's bf16 dot is broken)."""
     import tempfile
-    t0 = time.perf_counter()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    import traceback
+    dev = "cuda" if CUDA else "cpu"
+    if dev == "cpu" and not a.tiny:
+        raise SystemExit("bench.py gpu needs a CUDA GPU; --tiny runs it on CPU under the Triton interpreter")
+    import kernels
     root = tempfile.mkdtemp(prefix="vpae-gpu-")
-    res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)", torch=torch.__version__)
-    res |= kernels_bench(a.tiny)  # checks the device first
-    for name, fn in (("dit_train_memory", lambda: dit_memory(dev, a.tiny)), ("distill", lambda: distill_run(root)),
-                     ("sample", lambda: sample_run(root, a.tiny))):
-        if dev == "cuda":
-            torch.cuda.empty_cache()
-        res[name] = fn()
-    res["total_s"] = time.perf_counter() - t0
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"bench.py gpu: {res['total_s']:.0f} s, summary in {a.out}")
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
+    table = kernels.MEASURED if CUDA else os.path.join(root, "measured.json")  # --tiny on CPU: a throwaway table
+    res = {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            res = json.load(f)
+    res |= dict(device=torch.cuda.get_device_name() if CUDA else "cpu (interpreter)", torch=torch.__version__)
+    run = {"attention_check": lambda: check_attention(dev, dt, a.tiny),
+           "attention_speed": lambda: bench_attention(dev, dt, a.tiny), "fused_ops": lambda: bench_fused(dev, a.tiny),
+           "kernel_choice": lambda: kernel_choice(res, table),
+           "dit_forward": lambda: dit_latency(dev, a.tiny), "dit_train_memory": lambda: dit_memory(dev, a.tiny),
+           "distill": lambda: distill_run(root), "sample": lambda: sample_run(root, a.tiny)}
+    for part in GPU_PARTS if a.part == "all" else [a.part]:
+        minutes, sections = GPU_PARTS[part]
+        print(f"bench.py gpu, part {part}: about {minutes} min on an H100 (an estimate from reading the code, not "
+              f"measured): {', '.join(sections)}", flush=True)
+        t0 = time.perf_counter()
+        for name in sections:
+            if CUDA:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t1 = time.perf_counter()
+            try:
+                res[name] = run[name]()
+            except (Exception, SystemExit) as e:  # distill.main and sample.py exit on a user error: record it too
+                traceback.print_exc()
+                res[name] = {"error": _line(e)}
+            res.setdefault("section_s", {})[name] = time.perf_counter() - t1
+            if CUDA:
+                res.setdefault("peak_mem_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
+            write_json(a.out, res)
+        print(f"bench.py gpu, part {part}: {time.perf_counter() - t0:.0f} s, summary in {a.out}", flush=True)
 
 
 def rss_peak():
@@ -485,6 +625,26 @@ def load(ckpt, dtype=None):
     peak = rss_peak() - before
     print(f"checkpoint {size / 2**20:.0f} MiB, load+touch {dt:.2f} s, peak RSS over baseline {peak / 2**20:.0f} MiB, "
           f"peak/size={peak / size:.3f}, dtype {dtype or 'as stored'} (checksum {touched:.3e})")
+
+
+def startup(a):
+    if not a.child:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.world}", "--standalone",
+                        __file__, "startup", a.ckpt, "--child", f"--dtype={a.dtype or 'fp32'}"], check=True)
+        return
+    import torch.distributed as dist
+    import distill
+    from model import weight_files
+    cfg = distill.parse_args([f"--teacher={a.ckpt}", f"--param_dtype={a.dtype}"])
+    device, *_, wait_group = distill.setup_dist(cfg, *distill.launch_env())
+    t0 = time.perf_counter()
+    distill.Models(cfg, device, None)
+    size = sum(os.path.getsize(f) for f in weight_files(a.ckpt))
+    print(f"rank {dist.get_rank()} of {dist.get_world_size()}: Models built in {time.perf_counter() - t0:.1f} s, "
+          f"peak RSS {rss_peak() / 2**30:.2f} GiB = {rss_peak() / size:.2f}x the {size / 2**30:.2f} GiB checkpoint "
+          f"(teacher in {a.dtype})", flush=True)
+    dist.barrier(wait_group)
+    dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -785,8 +945,8 @@ def dit(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "memory", "kernels", "compile", "gpu"])
-    p.add_argument("ckpt", nargs="?", help="checkpoint directory (load)")
+    p.add_argument("what", choices=["dit", "load", "startup", "memory", "kernels", "compile", "gpu"])
+    p.add_argument("ckpt", nargs="?", help="checkpoint directory (load, startup)")
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--ffn", type=int, default=8960)
     p.add_argument("--heads", type=int, default=12)
@@ -800,19 +960,26 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--disc_width", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--world", type=int, default=8)
+    p.add_argument("--world", type=int, default=None, help="memory: default 8; startup: default 2")
     p.add_argument("--sp", type=int, default=8)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading")
-    p.add_argument("--tiny", action="store_true", help="kernels: tiny sizes on CPU under the Triton interpreter")
-    p.add_argument("--out", default="gpu_summary.json", help="gpu: where the JSON summary goes")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading; startup: "
+                   "distill's --param_dtype (default fp32)")
+    p.add_argument("--tiny", action="store_true", help="kernels, gpu: tiny sizes on CPU under the Triton interpreter")
+    p.add_argument("--out", default="gpu_summary.json", help="gpu: the JSON summary (parts merge into it)")
+    p.add_argument("--part", default="all", choices=["kernels", "models", "all"], help="gpu: which part to run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
+    a.world = a.world or (2 if a.what == "startup" else 8)
     a.size = a.size or {"memory": "832*480"}.get(a.what, "416*240")
     if a.what == "load":
         if not a.ckpt:
             p.error("load needs a checkpoint directory")
         load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[a.dtype])
+    elif a.what == "startup":
+        if not a.ckpt:
+            p.error("startup needs a checkpoint directory")
+        startup(a)
     elif a.what == "memory":
         memory(a)
     elif a.what == "compile":

@@ -183,8 +183,8 @@ class LoRA(nn.Module):
 
     def __init__(self, lin, rank, state):
         super().__init__()
-        self.A = nn.Linear(lin.in_features, rank, bias=False)
-        self.B = nn.Linear(rank, lin.out_features, bias=False)
+        self.A = nn.Linear(lin.in_features, rank, bias=False, dtype=torch.float32)  # trained: fp32 in any model
+        self.B = nn.Linear(rank, lin.out_features, bias=False, dtype=torch.float32)
         nn.init.zeros_(self.B.weight)
         lin.register_forward_hook(lambda mod, args, out: out + self.B(self.A(args[0])) if state["on"] else out)
 
@@ -197,6 +197,17 @@ def add_lora(model, rank):
         block.lora = nn.ModuleDict({n.replace(".", "_"): LoRA(block.get_submodule(n), rank, state) for n in names})
         block.lora.requires_grad_(True)
     return state
+
+
+def lora_init(model):
+    """The LoRAs' first weights, drawn on the CPU from the global RNG (alike on every rank) as nn.Linear draws them,
+    in the order add_lora builds them; B is then zeroed. For a model built on the meta device."""
+    init = {}
+    for n, p in model.named_parameters():
+        if ".lora." in n:
+            w = nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5))
+            init[n] = w.zero_() if n.endswith(".B.weight") else w
+    return init
 
 
 def run(model, x, s, cond, **kw):
@@ -439,28 +450,25 @@ def fill(model, state, dtype=None):
         p.copy_(full.to(dtype or p.dtype))
 
 
-def sharded_dit(cfg, device, sp_group, wan_cfg, state, dtype=torch.float32, lora_rank=0):
-    """A DiT sharded over every rank without a full copy on any: built on the meta device, sharded, then each rank
-    fills its own shards from `state` (the checkpoint's memory-mapped tensors), stored in dtype. lora_rank: with the
-    fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank."""
-    with torch.device("meta"):
-        model = WanModel(wan_cfg)
-    lora = add_lora(model, lora_rank) if lora_rank else None  # real CPU tensors: their initial values
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
-    model.to(device="meta", dtype=dtype).requires_grad_(False)
-    for block in model.blocks if lora else ():
-        block.lora.float().requires_grad_(True)
+def sharded_dit(cfg, device, sp_group, dtype=torch.float32, lora_rank=0):
+    """--teacher's DiT sharded over every rank without a full copy on any: built on the meta device, sharded, then
+    each rank fills its own shards from the memory-mapped file (checked against the official layout), stored in
+    dtype. lora_rank: with the fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank.
+    Returns the model and the LoRAs' switch (add_lora)."""
+    src = WanModel.from_pretrained(cfg.teacher)  # views of the file: the pages a rank reads are its own rows
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = WanModel(src.cfg).requires_grad_(False)
+            lora = add_lora(model, lora_rank) if lora_rank else None
+    finally:
+        torch.set_default_dtype(torch.float32)
+    init = lora_init(model)
     model.grad_ckpt, model.sp_group = cfg.grad_ckpt, sp_group
     shard(model, device, compute_dtype(cfg, device))
     model.to_empty(device=device)
-    fill(model, state | init)
+    fill(model, dict(src.named_parameters()) | init)
     return model, lora
-
-
-def teacher_weights(path):
-    """The checkpoint's WanConfig and weights {name: tensor}: memory-mapped views, checked against the official layout."""
-    src = WanModel.from_pretrained(path)
-    return src.cfg, dict(src.named_parameters())
 
 
 def tap_blocks(n_layers, k):
@@ -475,15 +483,13 @@ class Models:
     are under 1% of D's FLOPs, and STR1's finite difference D(x + delta) - D(x) is below bf16's resolution)."""
 
     def __init__(self, cfg, device, sp_group):
-        wan_cfg, state = teacher_weights(cfg.teacher)
-        dit = lambda dtype=torch.float32, lora=0: sharded_dit(cfg, device, sp_group, wan_cfg, state, dtype, lora)[0]  # noqa: E731
-        self.gen, self.ema = dit().requires_grad_(True).train(), dit()
-        self.teacher, self.lora = sharded_dit(cfg, device, sp_group, wan_cfg, state, compute_dtype(cfg, device),
-                                              cfg.lora_rank)
-        taps = tap_blocks(wan_cfg.num_layers, cfg.disc_taps)
-        self.disc = Discriminator(wan_cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
+        self.gen = sharded_dit(cfg, device, sp_group)[0].requires_grad_(True).train()
+        self.ema = sharded_dit(cfg, device, sp_group)[0]
+        self.teacher, self.lora = sharded_dit(cfg, device, sp_group, compute_dtype(cfg, device), cfg.lora_rank)
+        taps = tap_blocks(self.gen.cfg.num_layers, cfg.disc_taps)
+        self.disc = Discriminator(self.gen.cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
         shard(self.disc, device, torch.float32)
-        self.live = dit() if cfg.disc_backbone == "live" else None  # a frozen copy of G, synced every step
+        self.live = sharded_dit(cfg, device, sp_group)[0] if cfg.disc_backbone == "live" else None  # G's copy, synced every step
         self.backbone = {"ema": self.ema, "live": self.live, "teacher": self.teacher}[cfg.disc_backbone]
 
 

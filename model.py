@@ -287,7 +287,7 @@ class WanModel(nn.Module):
             pad = -L % n
             x = F.pad(x, (0, 0, 0, pad)).chunk(n, dim=1)[r]
             cos, sin = F.pad(cos, (0, 0, 0, pad), value=1.0).chunk(n)[r], F.pad(sin, (0, 0, 0, pad)).chunk(n)[r]
-            k_lens = torch.full((B,), L, device=x.device)
+            k_lens = torch.full((B,), L, device=x.device) if pad else None  # no mask when nothing is padded
 
         # time embedding and its projection in fp32 (official runs them in an fp32 autocast region)
         e = linear32(self.time_embedding[2], F.silu(linear32(self.time_embedding[0], sinusoid(cfg.freq_dim, t))))

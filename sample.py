@@ -138,9 +138,10 @@ def ckpt_file(ckpt_dir, name):
     return path
 
 
-def dtypes(device):
-    """Official dtypes on a GPU (DiT and T5 bf16, CLIP fp16, VAE fp32); fp32 everywhere on a CPU."""
-    if torch.device(device).type != "cuda":
+def dtypes(device, name=None):
+    """--dtype: bf16 is the official GPU set (DiT and umT5 bf16, CLIP fp16, VAE fp32), fp32 is fp32 throughout;
+    None picks bf16 on CUDA and fp32 elsewhere."""
+    if (name or ("bf16" if torch.device(device).type == "cuda" else "fp32")) == "fp32":
         return dict(dit=torch.float32, t5=torch.float32, clip=torch.float32, vae=torch.float32)
     return dict(dit=torch.bfloat16, t5=torch.bfloat16, clip=torch.float16, vae=torch.float32)
 
@@ -155,16 +156,22 @@ def load_encoders(ckpt_dir, model_type, device, dt):
 
 def load_dit(ckpt_dir, dtype, device, student=None, loras=()):
     """The checkpoint's DiT; with student, its weights come from that file and the teacher's are never read.
-    loras: (file, scale) pairs merged into the weights in turn (see merge_lora)."""
+    loras: (file, scale) pairs, checked before anything loads, then added to each weight in turn as it loads, in
+    fp32 before the cast to dtype: merged into weights already in bf16, a small update would round away."""
     if student is not None and not os.path.isfile(student):
         raise FileNotFoundError(f"--student {student} not found: give the student .safetensors file distill.py wrote")
     for path, _ in loras:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--lora {path} not found: give a .safetensors LoRA file")
-    dit = WanModel.from_pretrained(ckpt_dir, dtype, device, weights=student)
-    for path, scale in loras:
-        merge_lora(dit, path, scale)
-    return dit
+    updates = {}
+    if loras:
+        with torch.device("meta"):
+            shapes = WanModel(load_config(ckpt_dir))  # names and shapes only
+        for path, scale in loras:
+            for name, u in lora_updates(shapes, path, scale).items():
+                updates.setdefault(name, []).extend(u)
+    edit = lambda name, w: add_lora(w.to(device), updates[name]) if name in updates else w  # noqa: E731
+    return WanModel.from_pretrained(ckpt_dir, dtype, device, weights=student, edit=edit)
 
 
 # -----------------------------------------------------------------------------
@@ -175,12 +182,11 @@ LORA_PARTS = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.w
               ".alpha": "alpha", ".diff_b": "diff_b", ".diff": "diff"}
 
 
-@torch.no_grad()
-def merge_lora(dit, path, scale=1.0):
-    """Add a LoRA file to the DiT's weights, each in fp32: W += scale * alpha / rank * up @ down for a pair (no
-    alpha: alpha = rank), W += scale * diff, bias += scale * diff_b. Every key that fits no weight (no such module,
-    a wrong shape, half a pair) is named in one error, raised before any weight changes."""
-    params, parts, bad = dict(dit.named_parameters()), {}, []
+def lora_updates(dit, path, scale=1.0):
+    """A LoRA file's updates {parameter name: [(factor, a, b)]}: W += scale * alpha / rank * up @ down for a pair (no
+    alpha: alpha = rank), W += scale * diff, bias += scale * diff_b. Every key that fits no weight of dit (no such
+    module, a wrong shape, half a pair) is named in one error. Only dit's names and shapes are read (meta will do)."""
+    params, parts, bad = {k: tuple(p.shape) for k, p in dit.named_parameters()}, {}, []
     for key, t in read_safetensors(path):
         name = key.removeprefix("diffusion_model.")
         suffix = next((s for s in LORA_PARTS if name.endswith(s)), None)
@@ -188,9 +194,9 @@ def merge_lora(dit, path, scale=1.0):
             bad.append(f"{key} (not a LoRA key)")
         else:
             parts.setdefault(name[:-len(suffix)], {})[LORA_PARTS[suffix]] = (key, t)
-    todo = []  # (key, weight, factor, a, b): the update is factor * a, or factor * a @ b for a pair
+    todo = []  # (key, parameter, factor, a, b): the update is factor * a, or factor * a @ b for a pair
     for mod, p in parts.items():
-        weight = params.get(f"{mod}.weight", params.get(mod))  # a layer's weight, or a bare parameter (modulation)
+        weight = f"{mod}.weight" if f"{mod}.weight" in params else mod  # a layer's weight, or a bare parameter
         if "down" in p and "up" in p:
             alpha = float(p["alpha"][1]) if "alpha" in p else p["down"][1].shape[0]
             todo.append((p["down"][0], weight, scale * alpha / p["down"][1].shape[0], p["up"][1], p["down"][1]))
@@ -199,38 +205,77 @@ def merge_lora(dit, path, scale=1.0):
         if "diff" in p:
             todo.append((p["diff"][0], weight, scale, p["diff"][1], None))
         if "diff_b" in p:
-            todo.append((p["diff_b"][0], params.get(f"{mod}.bias"), scale, p["diff_b"][1], None))
+            todo.append((p["diff_b"][0], f"{mod}.bias", scale, p["diff_b"][1], None))
 
     def shape(a, b):  # the update's shape (None: a pair that does not multiply)
         if b is None:
             return tuple(a.shape)
         return (a.shape[0], b.shape[1]) if a.dim() == b.dim() == 2 and a.shape[1] == b.shape[0] else None
-    bad += [f"{k} (no such weight)" if w is None else f"{k} (an update of {shape(a, b)} for a weight of "
-            f"{tuple(w.shape)})" for k, w, _, a, b in todo if w is None or shape(a, b) != tuple(w.shape)]
+    bad += [f"{k} (no such weight)" if w not in params else f"{k} (an update of {shape(a, b)} for a weight of "
+            f"{params[w]})" for k, w, _, a, b in todo if shape(a, b) != params.get(w)]
     if bad:
         more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
         raise ValueError(f"--lora {path}: {len(bad)} key(s) fit no weight of this {dit.cfg.model_type} DiT: "
                          f"{'; '.join(bad[:8])}{more}. Is it a Wan2.1 LoRA of this checkpoint?")
+    updates = {}
     for _, w, f, a, b in todo:
-        d = a.to(w.device).float() if b is None else a.to(w.device).float() @ b.to(w.device).float()
-        w.copy_((w.float() + f * d).to(w.dtype))
+        updates.setdefault(w, []).append((f, a, b))
+    return updates
+
+
+def add_lora(w, updates):
+    """w + each update in turn, in fp32 on w's device (a new tensor)."""
+    for f, a, b in updates:
+        w = w.float() + f * (a.to(w.device).float() if b is None else a.to(w.device).float() @ b.to(w.device).float())
+    return w
+
+
+@torch.no_grad()
+def merge_lora(dit, path, scale=1.0):
+    """Add a LoRA file to a loaded DiT's weights (see lora_updates), nothing if any key fits no weight."""
+    params = dict(dit.named_parameters())
+    for name, u in lora_updates(dit, path, scale).items():
+        params[name].copy_(add_lora(params[name], u).to(params[name].dtype))
+
+
+def pack(tensors, pin=False):
+    """{name: tensor} -> (one uint8 buffer holding them all at 64-byte aligned offsets, pinned if pin; its layout)."""
+    layout, n = [], 0
+    for k, t in tensors.items():
+        layout.append((k, n, t.dtype, t.shape))
+        n += -(-t.nbytes // 64) * 64
+    buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+    for k, t in unpack(buf, layout).items():
+        t.copy_(tensors[k])
+    return buf, layout
+
+
+def unpack(buf, layout):
+    """The tensors of a packed buffer (or of its copy on a device): views of it."""
+    return {k: buf[o:o + dt.itemsize * math.prod(shape)].view(dt).view(shape) for k, o, dt, shape in layout}
 
 
 class BlockStream:
-    """--offload blocks: the DiT's blocks wait in pinned CPU memory and each is copied to the device just before it
-    runs, on a side stream while the block before it computes, then dropped. So a DiT call passes over the weights
-    once and at most two blocks are on the device. On a CPU the same code runs with plain copies and no stream."""
+    """--offload blocks: the DiT's blocks wait in CPU memory, each packed into one pinned buffer (pinning rounds each
+    allocation up to a power of two, so one per block, not one per tensor), and each is copied to the device in one
+    piece just before it runs, on a side stream while the block before it computes, then dropped. At most two blocks
+    are on the device: the host, which runs ahead of the GPU, queues block i+1's copy only once block i-1 has
+    finished, as an event recorded on the compute stream after each block tells it. On a CPU the same code runs
+    with plain copies and no streams. streams: (copy stream, compute stream); on CUDA by default a side stream and
+    the current one; tests pass fakes."""
 
-    def __init__(self, dit, device):
+    def __init__(self, dit, device, streams=None):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if cuda else None
-        self.blocks, self.home, self.ready = dit.blocks, [], {}  # ready: block -> (its weights on the device, event)
+        if cuda and streams is None:
+            streams = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        self.side, self.compute = streams or (None, None)
+        self.blocks, self.home, self.ready, self.last = dit.blocks, [], {}, None  # last: after the last block to run
         for i, block in enumerate(self.blocks):
-            self.home.append({k: v.pin_memory() if cuda else v for k, v in block.state_dict().items()})
+            self.home.append(pack(block.state_dict(), pin=cuda))
             self.place(block, None)
             block.register_forward_pre_hook(lambda mod, args, i=i: self.enter(i))
-            block.register_forward_hook(lambda mod, args, out: self.place(mod, None))
+            block.register_forward_hook(lambda mod, args, out: self.leave(mod))
 
     @staticmethod
     def place(block, weights):
@@ -243,19 +288,26 @@ class BlockStream:
     def fetch(self, i):
         """Start copying block i to the device, unless it is there or on its way."""
         if i < len(self.blocks) and i not in self.ready:
-            with torch.cuda.stream(self.side) if self.side else contextlib.nullcontext():
-                weights = {k: v.to(self.device, non_blocking=True, copy=True) for k, v in self.home[i].items()}
-            self.ready[i] = weights, self.side.record_event() if self.side else None
+            if self.last is not None:  # the block before the one now entering: once it is done, its memory is free
+                self.last.synchronize()  # (so no record_stream: the side stream allocates only after this)
+                self.last = None
+            buf, layout = self.home[i]
+            with torch.cuda.stream(self.side) if self.device.type == "cuda" else contextlib.nullcontext():
+                buf = buf.to(self.device, non_blocking=True, copy=True)
+            self.ready[i] = unpack(buf, layout), self.side.record_event() if self.side is not None else None
 
     def enter(self, i):
         self.fetch(i)  # block 0 of each call: nothing to overlap with
         weights, copied = self.ready.pop(i)
-        if copied is not None:  # compute waits for the copy; the memory is not reused before compute is done
-            torch.cuda.current_stream(self.device).wait_event(copied)
-            for t in weights.values():
-                t.record_stream(torch.cuda.current_stream(self.device))
+        if copied is not None:
+            self.compute.wait_event(copied)  # the block's compute waits for its copy
         self.place(self.blocks[i], weights)
         self.fetch(i + 1)  # overlaps with block i
+
+    def leave(self, block):
+        self.place(block, None)
+        if self.compute is not None:
+            self.last = self.compute.record_event()
 
 
 # -----------------------------------------------------------------------------
@@ -367,7 +419,8 @@ def prepare(args):
         raise ValueError(f"{args.out} already exists: pass --overwrite or another --out")
     loras = [parse_lora(a) for a in args.lora or []]
 
-    dt, home = dtypes(args.device), "cpu" if args.offload else args.device  # --offload: models wait in CPU memory
+    dt = dtypes(args.device, args.dtype)
+    home = "cpu" if args.offload else args.device  # --offload: models wait in CPU memory
     if args.student is None:
         weight_files(args.ckpt_dir)  # the DiT's files exist (a missing one is named) before anything loads
     t0 = time.time()
@@ -450,6 +503,8 @@ def get_parser():
     p.add_argument("--offload", nargs="?", const="models", choices=["models", "blocks"],
                    help="keep each model on the GPU only while it runs; 'blocks': also stream the DiT's blocks from "
                    "pinned CPU memory, one ahead of the compute (14B in one step on a small GPU)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="bf16: the official GPU dtypes (DiT and umT5 bf16, "
+                   "CLIP fp16, VAE encode fp32); fp32 throughout (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--vae_dtype", default="fp32", choices=list(VAE_DTYPES),
                    help="the VAE decode's dtype (default fp32; encoding stays fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")

@@ -1,4 +1,5 @@
 """vpae tests: tiny configs, random weights in the official file formats, CPU, seconds."""
+import argparse
 import json
 import math
 import os
@@ -1610,10 +1611,10 @@ def shard_worker(ckpt):
     import distill
     cfg = distill.parse_args([f"--teacher={ckpt}", "--lora_rank=4"])
     device, *_ = distill.setup_dist(cfg, *distill.launch_env())
-    wan_cfg, state = distill.teacher_weights(ckpt)
+    state = dict(M.WanModel.from_pretrained(ckpt).named_parameters())
     for dt in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model, lora = distill.sharded_dit(cfg, device, None, wan_cfg, state, dt, lora_rank=4)
+        model, lora = distill.sharded_dit(cfg, device, None, dt, lora_rank=4)
         for name, p in model.named_parameters():
             full = p.full_tensor()
             if ".lora." in name:
@@ -2506,9 +2507,8 @@ def test_kernels_compile_for_sm90a_and_sm80_without_spills():
     except Exception as e:  # e.g. a triton wheel without the NVIDIA backend's binaries
         pytest.skip(f"no ptxas: {e}")
     rows = bench.compile_table(bench.compile_cases(full=False))
-    n_configs = sum(len(getattr(k, "configs", [None])) for k in (
-        kernels._attention._fwd_kernel, kernels._attention._bwd_dkdv_kernel, kernels._attention._bwd_dq_kernel))
-    assert len(rows) == 2 * (n_configs + 1 + 4)  # + the delta kernel, + 2 norm and 2 qk_norm_rope kernels
+    n_configs = sum(len(v) for by_arch in kernels._attention.CONFIGS.values() for v in by_arch.values())
+    assert len(rows) == n_configs + 2 * (1 + 4)  # each arch its own list; + the delta kernel, 2 norm, 2 qk_norm_rope
     for r in rows:
         assert r["regs"] > 0 and r["spill_st"] == r["spill_ld"] == 0 and r["smem"] <= r["smem_max"], r
         if r["kernel"] in ("attention._fwd_kernel", "attention._bwd_dkdv_kernel", "attention._bwd_dq_kernel"):
@@ -2563,3 +2563,269 @@ def test_gpu_acceptance_run_tiny(tmp_path):
     assert s["dit_forward"]["flops"] > 0 and s["dit_forward"]["tflops_s"] > 0 and s["dit_forward"]["mfu"] is None  # CPU
     assert s["dit_train_memory"]["tracked_peak_gib"] > 0 and "DiT" in s["sample"]["stage_s"]
     assert 0 < s["sample"]["without_vae_decode_s"] < s["sample"]["total_s"]
+
+
+# =============================================================================
+# kernels: `auto` takes the path bench.py gpu measured faster per chip; per-arch autotune configs. bench.py gpu: a
+# failing section costs only its own figures.
+
+
+def _k_rows(tri_ms, ref_ms):  # bench_attention rows: Triton and the PyTorch path, fwd + bwd times
+    return [dict(shape="self", impl=i, fwd={"ms": ms}, bwd={"ms": ms})
+            for i, ms in (("triton", tri_ms), ("torch", ref_ms))]
+
+
+def test_kernel_auto_takes_the_measured_winner(tmp_path, monkeypatch):
+    """bench.py gpu's table round-trips into `auto`: per op on a named chip the measured winner, merged with other
+    chips' rows; a chip the table does not name, or no table, gets the PyTorch path."""
+    pytest.importorskip("triton")
+    import bench
+    import kernels
+    table = tmp_path / "measured.json"
+    table.write_text(json.dumps({"NVIDIA A100-SXM4-80GB": {"attention": {"use": "triton", "speedup": 1.2}}}))
+    monkeypatch.setattr(bench, "CUDA", True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    res = {"attention_speed": _k_rows(1.0, 1.5),  # Triton faster
+           "fused_ops": [dict(op="ln_modulate", impl="triton", ms=2.0), dict(op="ln_modulate", impl="torch", ms=1.0)]}
+    bench.kernel_choice(res, str(table))  # qk_norm_rope has no figures: torch
+    written = json.loads(table.read_text())
+    assert written["NVIDIA A100-SXM4-80GB"]["attention"]["use"] == "triton"  # kept
+    assert written["NVIDIA H100 80GB HBM3"] == {"attention": {"use": "triton", "speedup": 1.5},
+                                                "ln_modulate": {"use": "torch", "speedup": 0.5},
+                                                "qk_norm_rope": {"use": "torch", "speedup": None}}
+    calls = []
+    monkeypatch.setattr(kernels._attention, "flash_attention", lambda *a: calls.append("attention") or a[0])
+    monkeypatch.setattr(kernels._norm, "ln_modulate", lambda *a: calls.append("ln_modulate") or a[0])
+    monkeypatch.setattr(kernels._qk_norm_rope, "qk_norm_rope", lambda *a: calls.append("qk_norm_rope") or a[0])
+    monkeypatch.setattr(kernels, "MODE", "auto")
+    monkeypatch.setattr(kernels, "MEASURED", str(table))
+    x = torch.randn(1, 5, 2, 16)
+
+    def run(chip):
+        monkeypatch.setattr(kernels, "_table", None)
+        monkeypatch.setattr(kernels, "_chip", lambda t: chip)  # as if x lived on that chip
+        calls.clear()
+        kernels.attention(x, x, x)
+        kernels.ln_modulate(x.flatten(2), x[:, :1].flatten(2), x[:, :1].flatten(2), 1e-6)
+        kernels.qk_norm_rope(x.flatten(2), torch.ones(32), 2, 1e-6)
+        return calls
+    assert run("NVIDIA H100 80GB HBM3") == ["attention"]
+    assert run("NVIDIA A100-SXM4-80GB") == ["attention"]
+    assert run("NVIDIA GeForce RTX 4090") == []  # not measured: torch
+    monkeypatch.setattr(kernels, "MEASURED", str(tmp_path / "none.json"))
+    assert run("NVIDIA H100 80GB HBM3") == []
+
+
+def test_kernel_choice_refuses_a_kernel_that_failed(monkeypatch):
+    """A Triton error on any shape, or a failed section, means torch, however fast the other shapes ran."""
+    import bench
+    written = {}
+    monkeypatch.setattr(bench, "CUDA", False)
+    monkeypatch.setattr(bench, "write_json", lambda path, obj: written.update(obj))
+    rows = _k_rows(1.0, 1.5) + [dict(shape="self 75600", impl="triton", error="OutOfResources: shared memory")]
+    choice = bench.kernel_choice({"attention_speed": rows, "fused_ops": {"error": "x"}}, "/nonexistent/m.json")
+    assert choice["attention"]["use"] == choice["ln_modulate"]["use"] == "torch" and written["cpu"] == choice
+
+
+def test_kernel_autotune_keys_and_configs_per_arch(monkeypatch):
+    """HAS_KLENS is in every autotune key (a config tuned with k_lens is not reused without); a GPU autotunes over its
+    own arch's list, which bench.py compile builds, and Hopper's adds the 8-warp 128-row forward tiles."""
+    triton = pytest.importorskip("triton")
+    import bench
+    import kernels
+    A = kernels._attention
+    if not kernels.HAVE_TRITON:
+        pytest.skip("no triton")
+    for name in A.CONFIGS:
+        assert "HAS_KLENS" in getattr(A, name).keys
+    assert {(128, 64, 8, 3), (128, 128, 8, 3)} <= set(A.CONFIGS["_fwd_kernel"][90]) - set(A.CONFIGS["_fwd_kernel"][80])
+    prune = A._tuning("_fwd_kernel")["prune_configs_by"]["early_config_prune"]  # at first launch: no CUDA at import
+    every = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in A.CONFIGS["_fwd_kernel"][90]]
+    for cap, arch in (((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 80)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cap=cap: cap)
+        kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in prune(every, {})]
+        assert kept == A.CONFIGS["_fwd_kernel"][arch], cap
+    monkeypatch.undo()
+    if A.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 collapses the autotune configs")
+    built = set()
+
+    def build(fn, args, kwargs, arch):
+        built.add((fn.__name__, arch, *(kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))))
+        return dict(regs=1, spill_st=0, spill_ld=0, smem=0, smem_max=1, mma="-")
+    monkeypatch.setattr(bench, "_build", build)
+    bench.compile_table(bench.compile_cases(full=False)[:1])  # one Wan-14B self-attention with k_lens
+    for name, by_cap in A.CONFIGS.items():
+        for arch, (cap, _) in bench.ARCHS.items():
+            assert {b[2:] for b in built if b[:2] == (name, arch)} == set(by_cap[cap]), (name, arch)
+
+
+def test_bench_timer_samples_slow_calls():
+    """A call over 100 ms still gets n samples after an untimed warm-up (triton's do_bench takes one)."""
+    import bench
+    calls = []
+    t = bench.timer(lambda: calls.append(time.sleep(0.11)), n=5, budget_ms=0)
+    assert len(calls) == 6 and t["n"] == 5 and 110 <= t["min_ms"] <= t["ms"] <= t["max_ms"]
+    assert bench.timer(lambda: None, n=1, budget_ms=5)["n"] > 1  # fast calls: more samples, up to the budget
+
+
+def test_bench_models_built_in_bf16():
+    """The 14B-width models are created in bf16 (on meta here): never the 61 GiB fp32 copy; the default dtype is
+    put back."""
+    import bench
+    from model import PRESETS
+    m = bench._model(PRESETS["i2v-14B"], "meta", torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
+
+
+def test_bench_gpu_sections_fail_alone_and_parts_merge(tmp_path, monkeypatch):
+    """bench.py gpu: a section that raises records its error and the others' figures still land in --out, which is
+    rewritten after every section; the two parts merge into one file with what was there."""
+    import bench
+    out = tmp_path / "gpu.json"
+    out.write_text(json.dumps({"earlier": 1}))
+    seen = {}
+
+    def boom(*a):
+        raise RuntimeError("boom\nsecond line")
+
+    def distill_run(root):  # by now the sections before it are on disk
+        seen.update(json.loads(out.read_text()))
+        return {"steps": 4}
+    monkeypatch.setattr(bench, "check_attention", boom)
+    monkeypatch.setattr(bench, "bench_attention", lambda *a: _k_rows(1.0, 2.0))
+    monkeypatch.setattr(bench, "bench_fused", lambda *a: [])
+    monkeypatch.setattr(bench, "dit_latency", lambda *a: {"forward_ms": 1.0})
+    monkeypatch.setattr(bench, "dit_memory", lambda *a: (_ for _ in ()).throw(SystemExit("exit")))
+    monkeypatch.setattr(bench, "distill_run", distill_run)
+    monkeypatch.setattr(bench, "sample_run", lambda *a: {"total_s": 2.0})
+    for part in ("kernels", "models"):
+        bench.gpu(argparse.Namespace(tiny=True, out=str(out), part=part))
+    s = json.loads(out.read_text())
+    assert s["earlier"] == 1 and s["attention_check"] == {"error": "RuntimeError: boom"}
+    assert s["attention_speed"] and s["kernel_choice"]["attention"]["use"] == "triton"
+    assert s["dit_train_memory"] == {"error": "SystemExit: exit"} and s["dit_forward"] == {"forward_ms": 1.0}
+    assert s["distill"] == {"steps": 4} and s["sample"] == {"total_s": 2.0}
+    assert seen["dit_forward"] == {"forward_ms": 1.0} and "distill" not in seen
+    assert set(s["section_s"]) == {n for _, names in bench.GPU_PARTS.values() for n in names}
+
+
+# =============================================================================
+# sample.py in the GPU's dtypes on CPU, LoRAs merged into bf16 weights, and the bound of --offload blocks
+
+
+def _s_video(monkeypatch, ckpt, image, dtype, *extra):
+    """sample.main's video [3, F, H, W] fp32 in [-1, 1], before the mp4 encoder rounds it."""
+    got = []
+    monkeypatch.setattr(sample, "write_video", lambda video, path: got.append(video))
+    args = ["--ckpt_dir", ckpt, "--prompt", "a red circle moving left", "--frames", "5", "--size", "32*32",
+            "--dtype", dtype, "--out", "unused.mp4", *extra]
+    sample.main(args + (["--image", image] if image else []))
+    return got[0]
+
+
+@pytest.mark.parametrize("kind, extra", [("i2v", ()), ("i2v", ("--teacher", "--steps", "2")),
+                                         ("i2v", ("--steps", "2", "--offload", "blocks")), ("t2v", ())])
+def test_sample_bf16_close_to_fp32(kind, extra, i2v_ckpt, t2v_ckpt, image, monkeypatch, tmp_path):
+    # bf16 (DiT, umT5), fp16 (CLIP): finite, not constant, and near the fp32 video. Measured on the tiny
+    # checkpoints over seeds 0-3, I2V and T2V, 1 and 4 steps, student and teacher: relative L2 distance
+    # 0.002-0.004 at one step, up to 0.0075 at four (bf16 keeps 8 bits: 0.4% per rounding); asserted < 0.02.
+    # The lower bound 1e-4 shows bf16 really ran: an fp32 run would give 0.
+    monkeypatch.chdir(tmp_path)
+    ckpt, img = (i2v_ckpt, image) if kind == "i2v" else (t2v_ckpt, None)
+    want, got = (_s_video(monkeypatch, ckpt, img, dt, *extra) for dt in ("fp32", "bf16"))
+    assert got.dtype == torch.float32 and got.isfinite().all() and got.std() > 0.1
+    assert 1e-4 < (got - want).norm() / want.norm() < 0.02
+
+
+def test_sample_bf16_two_ranks_equals_one(i2v_ckpt, image, tmp_path):
+    # Ulysses over 2 gloo ranks in bf16, blocks streamed: the video of one process (measured: identical frames;
+    # the bf16 run differs from the fp32 one by 1.6 per pixel on average, so 0.2 would catch ranks left in fp32)
+    args = ["--ckpt_dir", i2v_ckpt, "--image", image, "--frames", "5", "--size", "32*32", "--dtype", "bf16"]
+    one = read_mp4(sample.main(args + ["--out", str(tmp_path / "one.mp4")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           os.path.join(HERE, "sample.py"), *args, "--offload", "blocks", "--out", str(tmp_path / "two.mp4")]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert np.abs(read_mp4(str(tmp_path / "two.mp4")).astype(int) - one).mean() < 0.2
+
+
+def test_dtypes_default_and_flag():
+    official = dict(dit=torch.bfloat16, t5=torch.bfloat16, clip=torch.float16, vae=torch.float32)
+    fp32 = dict.fromkeys(official, torch.float32)
+    assert sample.dtypes("cuda") == sample.dtypes("cpu", "bf16") == sample.dtypes("cuda:1", "bf16") == official
+    assert sample.dtypes("cpu") == sample.dtypes("cuda", "fp32") == fp32
+    assert sample.get_parser().parse_args([]).dtype is None  # None: the device decides
+    with pytest.raises(SystemExit):
+        sample.get_parser().parse_args(["--dtype", "fp16"])
+
+
+def test_lora_merged_into_bf16_weights(i2v_ckpt, lora_run):
+    # A small update (0.003 x the student's delta: about a quarter of a bf16 step of the weights) must reach a bf16
+    # DiT as the fp32 merge does, cast to bf16 once. Merged into weights already in bf16, most elements round back
+    # to where they were: that kept 0.50 of this update (its projection on the true one) where this keeps 1.03.
+    run, _ = lora_run
+    lora = [(lora_file(run, 64), 0.003)]
+    got = sample.load_dit(i2v_ckpt, torch.bfloat16, "cpu", loras=lora).state_dict()
+    want = sample.load_dit(i2v_ckpt, torch.float32, "cpu", loras=lora).state_dict()
+    for k, v in got.items():
+        assert torch.equal(v, want[k].to(v.dtype)), k  # bitwise: one rounding, of the fp32 sum
+    base, base32 = (WanModel.from_pretrained(i2v_ckpt, dt).state_dict() for dt in (torch.bfloat16, torch.float32))
+    w = "blocks.0.ffn.0.weight"
+    d = want[w] - base32[w]  # the true update
+    kept = ((got[w].float() - base[w].float()) * d).sum() / d.square().sum()
+    assert got[w].dtype == torch.bfloat16 and 0.9 < kept < 1.1
+
+
+class _SStream:
+    """A fake CUDA stream: record_event and wait_event write to a shared log; events log their synchronize."""
+
+    def __init__(self, log, name):
+        self.log, self.name, self.n = log, name, 0
+
+    def record_event(self):
+        e = _SEvent(self.log, f"{self.name}{self.n}")
+        self.n += 1
+        self.log.append(e.name)
+        return e
+
+    def wait_event(self, e):
+        self.log.append(f"wait {e.name}")
+
+
+class _SEvent:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append(f"sync {self.name}")
+
+
+def test_offload_blocks_at_most_two_blocks_on_the_device():
+    cfg = tiny_cfg("i2v", num_layers=4)
+    m = random_model(cfg)
+    x, t, ctx, kw = inputs(cfg)
+    log = []
+    with torch.no_grad():
+        want = m(x, t, ctx, **kw)
+        stream = sample.BlockStream(m, "cpu", streams=(_SStream(log, "copy"), _SStream(log, "done")))
+        buffers = []  # at each block's start: how many buffers its parameters view (one: the block's copy)
+        for b in m.blocks:
+            b.register_forward_pre_hook(lambda mod, a: buffers.append(
+                len({p.untyped_storage().data_ptr() for p in mod.parameters()})))
+        for _ in range(2):
+            assert torch.equal(m(x, t, ctx, **kw), want)
+    assert buffers == [1] * 8 and all(buf.dtype == torch.uint8 for buf, _ in stream.home)
+    # copyK: the K-th copy is queued (block K % 4); doneK: block K finished on the compute stream. Block i runs after
+    # its copy (wait), and the host queues block i+1's copy only after block i-1 finished (sync), so its memory is free
+    assert log[:16] == ["copy0", "wait copy0", "copy1", "done0",
+                        "wait copy1", "sync done0", "copy2", "done1",
+                        "wait copy2", "sync done1", "copy3", "done2",
+                        "wait copy3", "done3",
+                        "sync done3", "copy4"]  # the next call: block 0 waits for the last block
+    finished = 0  # blocks known finished; at every copy, the blocks copied and not known finished are at most 2
+    for i, s in enumerate(log):
+        if s.startswith("sync done"):
+            finished = max(finished, int(s[9:]) + 1)
+        if s.startswith("copy"):
+            assert int(s[4:]) + 1 - finished <= 2, log[:i + 1]

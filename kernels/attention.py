@@ -21,13 +21,35 @@ import torch.nn.functional as F
 from . import INTERPRET, tl, triton
 
 
-def _configs(gpu):
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages), tuned per (Lq, Lk, head dim, dtype) on a GPU. Each one compiles
-    # for sm_90a and sm_80 at head dim 128 without spilling registers and within shared memory (`bench.py compile`;
-    # the tutorial's 128x64 with 4 warps spills). The interpreter cannot autotune over several configs; its cost is
-    # per op and loop step, so it gets one mid-sized config.
-    cfgs = [(32, 64, 4, 1)] if INTERPRET else gpu
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and architecture, tuned per (Lq, Lk, head dim, k_lens or not,
+# dtype) on a GPU. Each compiles for its own architecture at head dim 128 without spilling registers and within
+# shared memory (`bench.py compile`; the tutorial's 128x64 with 4 warps spills). Hopper (sm_90) adds the 8-warp
+# 128-row tiles its wgmma suits; every other GPU gets the sm_80 set.
+_SM80 = {"_fwd_kernel": [(128, 32, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+         "_bwd_dkdv_kernel": [(64, 64, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)],
+         "_bwd_dq_kernel": [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]}
+_SM90_MORE = {"_fwd_kernel": [(128, 64, 8, 3), (128, 128, 8, 3)],  # each spills or overflows on sm_80
+              "_bwd_dkdv_kernel": [(32, 128, 8, 3)], "_bwd_dq_kernel": [(128, 64, 8, 3)]}
+CONFIGS = {k: {80: v, 90: v + _SM90_MORE[k]} for k, v in _SM80.items()}
+KEY = ["Lq", "Lk", "BLOCK_D", "HAS_KLENS"]  # and the dtypes, which triton adds
+
+
+def _configs(kernel, arch=90):
+    # The sm_90 list holds the sm_80 one; _tuning drops the Hopper-only configs on other GPUs. The interpreter cannot
+    # autotune over several configs; its cost is per op and loop step, so it gets one mid-sized config.
+    cfgs = [(32, 64, 4, 1)] if INTERPRET else CONFIGS[kernel][arch]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
+
+
+def _tuning(kernel):
+    """triton.autotune's arguments: the kernel's configs, pruned to this GPU's own list at its first launch (asking
+    the GPU at import would start CUDA in every process that imports the model)."""
+    def prune(configs, named_args, **kwargs):
+        if torch.cuda.get_device_capability() == (9, 0):
+            return configs
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                in CONFIGS[kernel][80]]
+    return dict(configs=_configs(kernel), key=KEY, prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -50,8 +72,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, skn, svn, lo, hi, klen, qk_scal
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs([(128, 32, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
-                 key=["Lq", "Lk", "BLOCK_D"])
+@triton.autotune(**_tuning("_fwd_kernel"))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KLENS, sm_scale, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh,
                 H, Lq, Lk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KLENS: tl.constexpr,
@@ -101,8 +122,7 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, som, soh, sdb, sdm, sdh, H, Lq,
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_configs([(64, 64, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)]),
-                 key=["Lq", "Lk", "BLOCK_D"])
+@triton.autotune(**_tuning("_bwd_dkdv_kernel"))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KLENS, sm_scale, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
                      sdb, sdm, sdh, sgb, sgm, sgh, H, Lq, Lk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -167,8 +187,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, skn, svn, lo, hi, klen, qk_
     return dq
 
 
-@triton.autotune(configs=_configs([(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
-                 key=["Lq", "Lk", "BLOCK_D"])
+@triton.autotune(**_tuning("_bwd_dq_kernel"))
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KLENS, sm_scale, sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
                    sdb, sdm, sdh, sgb, sgm, sgh, H, Lq, Lk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
