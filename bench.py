@@ -747,10 +747,10 @@ def memory_child(a):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=a.world)
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (a.world,))  # outside FakeTensorMode
     sp_group = dist.new_group(list(range(a.sp))) if a.sp > 1 else None
-    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width)
+    # --device cuda stands for a GPU's bf16 compute (and bf16 teacher); the mesh, and so every tensor, stays on (fake) CPU
+    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width, param_dtype="bf16" if a.device == "cuda" else "fp32")
     with FakeTensorMode():
-        # device "cuda" only picks shard()'s bf16 policy; the mesh, and so every tensor, stays on (fake) CPU
-        m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device(a.device), mesh, sp_group, a.frames, a.size)
+        m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device("cpu"), mesh, sp_group, a.frames, a.size)
         for name, fn in steps.items():
             t0 = time.perf_counter()
             t = _tracker([m.gen, m.ema, m.teacher, m.disc], list(opts.values()))

@@ -2515,13 +2515,15 @@ def test_kernels_compile_for_sm90a_and_sm80_without_spills():
             assert r["mma"] == ("wgmma" if r["arch"] == "sm_90a" else "mma"), r
 
 
-def test_memory_tracker_sees_distill_models_and_steps():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_memory_tracker_sees_distill_models_and_steps(device):
     """bench.py memory's tracker, on the tiny preset at world 2: the sharded parameters and Adam moments it reports are
-    distill.Models' own (fp32, halved), every step peaks above its start, and the FLOPs are counted."""
+    distill.Models' own (fp32, halved; with --device=cuda, a GPU's bf16 compute, the frozen teacher in bf16), every
+    step peaks above its start, and the FLOPs are counted."""
     import distill
     from model import Discriminator
     r = subprocess.run([sys.executable, "bench.py", "memory", "--child", "--preset=tiny", "--size=64*64", "--frames=5",
-                        "--world=2", "--sp=2", "--device=cpu"], cwd=HERE, capture_output=True, text=True, timeout=900)
+                        "--world=2", "--sp=2", f"--device={device}"], cwd=HERE, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     cfg = distill.Config()
@@ -2530,8 +2532,8 @@ def test_memory_tracker_sees_distill_models_and_steps():
         distill.add_lora(teacher, cfg.lora_rank)
         disc = Discriminator(gen.cfg.dim, [0, 1], cfg.disc_width, cfg.disc_queries, cfg.semantic)
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    lora = n(teacher) - n(gen)
-    params = 4 * (2 * n(gen) + n(teacher) + n(disc)) / 2  # fp32 G, EMA, teacher with LoRA, heads; over 2 ranks
+    lora, frozen = n(teacher) - n(gen), n(gen) * (2 if device == "cuda" else 4)  # the teacher's bytes
+    params = (4 * (2 * n(gen) + lora + n(disc)) + frozen) / 2  # fp32 G, EMA, LoRA, heads, the teacher; over 2 ranks
     moments = 2 * 4 * (n(gen) + lora + n(disc)) / 2  # Adam's two fp32 moments of G, the LoRA and the heads
     assert len(rows) == 4 and all(r["flops"] > 0 for r in rows)
     for r in rows[:3]:
