@@ -707,7 +707,7 @@ def distill_steps(mc, cfg, device, mesh, sp_group, frames, size):
     clip = {} if mc.model_type == "t2v" else {"y": torch.randn(1, 20, *lat[2:]), "clip": torch.randn(1, 257, mc.clip_dim)}
     batch = distill.prepare({"latent": torch.randn(lat), "context": torch.randn(1, mc.text_len, mc.text_dim), **clip},
                             torch.randn(mc.text_len, mc.text_dim), mc.text_len, "cpu")  # contexts as padded
-    rng = torch.Generator().manual_seed(0)
+    rng = [torch.Generator().manual_seed(0)]  # one per clip: the batch is one clip
 
     def step(*names):  # distill.main's opt_step without the grad-norm bookkeeping
         for n in names:

@@ -5,17 +5,22 @@ plus a synthetic moving-shapes source for the tests and the demo.
   python data.py --ckpt_dir Wan2.1-I2V-14B-480P --videos shapes/ --out latents/  # shards + manifest.json
   torchrun --nproc_per_node=8 data.py --ckpt_dir ... --videos ... --out ...      # the clips split over 8 ranks
 
-A video folder holds .mp4/.webm/.gif files and their captions: captions.jsonl lines {"file", "caption"}, or a
-.txt beside each video. Clips are sampled at 16 fps, scaled to cover --size and centre-cropped. A precomputed
-folder holds manifest.json, neg_context.safetensors and shard_*.safetensors with, per clip, `{id}.latent`
-[16, T, h, w], `{id}.context` [L, 4096] and, for i2v, `{id}.y` [20, T, h, w] and `{id}.clip` [257, 1280].
+A video folder holds videos (.mp4 .mov .m4v .mkv .webm .avi .gif, and .mpg .wmv .flv .3gp .ts .mts) and their
+captions: captions.jsonl lines {"file", "caption"}, or a .txt beside each video; other files are named as ignored.
+Clips are sampled at 16 fps, scaled to cover --size and centre-cropped. A precomputed folder holds manifest.json,
+neg_context.safetensors and shard_*.safetensors with, per clip, `{id}.latent` [16, T, h, w], `{id}.context`
+[L, 4096] and, for i2v, `{id}.y` [20, T, h, w] and `{id}.clip` [257, 1280].
 """
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
+import re
 import sys
 import time
+import warnings
 
 import imageio.v2 as imageio
 import numpy as np
@@ -28,7 +33,12 @@ from safetensors.torch import load_file, save_file
 import sample
 from model import load_config
 
-VIDEO_EXTS = (".mp4", ".webm", ".gif")
+VIDEO_EXTS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts",
+              ".mts", ".m2ts")  # what the bundled ffmpeg reads that people keep video in
+# imageio-ffmpeg's warning for a clip with rotation metadata: harmless, ffmpeg applies the rotation, so the size read
+# is the size displayed (the source size swapped), which is the frame we want
+ROTATED = re.compile(r"The frame size for reading \((\d+), (\d+)\) is different from the source frame size "
+                     r"\(\2, \1\)\.")
 SHARD_CLIPS = 64  # clips per safetensors shard
 
 # -----------------------------------------------------------------------------
@@ -96,11 +106,12 @@ class Skip(Exception):
 
 
 def list_clips(videos):
-    """[(file relative to videos, caption)] from captions.jsonl, else from the .txt beside each video; and the
-    videos that have no caption."""
-    jl = os.path.join(videos, "captions.jsonl")
+    """[(file relative to videos, caption)] from captions.jsonl, else from the .txt beside each video; the videos
+    that have no caption; and the files that are neither videos (VIDEO_EXTS) nor captions."""
+    files = sorted(os.path.relpath(os.path.join(d, f), videos) for d, _, fs in os.walk(videos) for f in fs)
+    vids = [f for f in files if f.lower().endswith(VIDEO_EXTS)]
+    jl, clips = os.path.join(videos, "captions.jsonl"), []
     if os.path.isfile(jl):
-        clips = []
         with open(jl, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 try:
@@ -108,18 +119,45 @@ def list_clips(videos):
                     clips += [(d["file"], str(d["caption"]))] if d is not None else []
                 except (ValueError, KeyError, TypeError):
                     raise ValueError(f'{jl} line {n} is not a JSON object with "file" and "caption": fix it') from None
-        return clips, []
-    files = sorted(os.path.relpath(os.path.join(d, f), videos) for d, _, fs in os.walk(videos)
-                   for f in fs if f.lower().endswith(VIDEO_EXTS))
-    clips, uncaptioned = [], []
-    for f in files:
-        txt = os.path.join(videos, os.path.splitext(f)[0] + ".txt")
-        if os.path.isfile(txt):
-            with open(txt, encoding="utf-8") as fh:
-                clips.append((f, fh.read().strip()))
-        else:
-            uncaptioned.append(f)
-    return clips, uncaptioned
+    else:
+        for f in vids:
+            txt = os.path.join(videos, os.path.splitext(f)[0] + ".txt")
+            if os.path.isfile(txt):
+                with open(txt, encoding="utf-8") as fh:
+                    clips.append((f, fh.read().strip()))
+    named = {os.path.normpath(f) for f, _ in clips}
+    known = named.union(vids, ["captions.jsonl"], (os.path.splitext(f)[0] + ".txt" for f in vids))  # the rest: ignored
+    return clips, [f for f in vids if f not in named], [f for f in files if f not in known]
+
+
+def namelist(files, k=20):
+    """The first k names, for a one-line summary."""
+    return ", ".join(files[:k]) + (f" and {len(files) - k} more" if len(files) > k else "")
+
+
+@contextlib.contextmanager
+def reader_notes():
+    """Collect what the readers warn while a clip is read (warnings.warn, imageio-ffmpeg's log), each message once
+    and ROTATED dropped, to print against the clip's name instead of as loose lines between the progress lines."""
+    notes, log = {}, logging.getLogger("imageio_ffmpeg")  # notes: message -> None, a set in order
+
+    def note(msg):
+        if not ROTATED.fullmatch(msg):
+            notes[msg] = None
+
+    def collect(record):  # a filter on the logger: a warning is noted, not printed
+        if record.levelno < logging.WARNING:
+            return True
+        note(record.getMessage())
+        return False
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: note(str(message))
+        log.addFilter(collect)
+        try:
+            yield notes
+        finally:
+            log.removeFilter(collect)
 
 
 def read_frames(path, frames):
@@ -129,7 +167,10 @@ def read_frames(path, frames):
         raise Skip("missing", "no such file")
     reader = None
     try:  # anything a broken file raises (OSError, RuntimeError, ...) skips the clip: one bad file must not stop a run
-        reader = imageio.get_reader(path)
+        # imageio picks its reader by the name and its ffmpeg reader lists only some video extensions (no .m4v, .ts,
+        # ...): naming the format .mp4 gets it for every video, and ffmpeg reads the content whatever the name.
+        # GIFs keep imageio's own reader, which has each frame's duration.
+        reader = imageio.get_reader(path, format=None if path.lower().endswith(".gif") else ".mp4")
         meta = reader.get_meta_data()
         fps = meta.get("fps") or (1000 / meta["duration"] if meta.get("duration") else sample.FPS)
         want = [int(k * fps / sample.FPS + 1e-6) for k in range(frames)]
@@ -241,7 +282,7 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
         raise FileNotFoundError(f"video folder {videos} not found: pass a folder of captioned videos")
     if model_type not in ("t2v", "i2v"):
         raise ValueError(f"{ckpt_dir} is a {model_type} checkpoint: precompute supports t2v and i2v")
-    clips, uncaptioned = list_clips(videos)
+    clips, uncaptioned, ignored = list_clips(videos)
     man_path, neg_path = os.path.join(out, "manifest.json"), os.path.join(out, "neg_context.safetensors")
     head, man = {"model_type": model_type, "frames": frames, "size": f"{w}*{h}"}, read_manifest(out)
     anew = man is None or ({k: man.get(k) for k in head} != head and not man["clips"])  # nothing usable kept
@@ -258,16 +299,19 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
         write_json({**head, "clips": [], "skipped": {}}, man_path)
     barrier()
     man = read_manifest(out)
-    done = {c["file"] for c in man["clips"]} | {f for fs in man["skipped"].values() for f in fs}
+    done = {c["file"] for c in man["clips"]} | {f for k, fs in man["skipped"].items() if k != "no_caption" for f in fs}
     todo = [(f, cap) for f, cap in clips if f not in done]
     base = 1 + max((int(c["id"]) for c in man["clips"]), default=-1)
     mine = list(enumerate(todo))[rank::world]  # (place in todo, (file, caption))
     if rank == 0:
+        if ignored:
+            print(f"ignored {len(ignored)} file(s) that are not videos or captions: {namelist(ignored)}")
+        if uncaptioned:
+            print(f"skipped {len(uncaptioned)} video(s) that have no caption: {namelist(uncaptioned)}")
         print(f"{len(todo)} clips to encode at {frames} frames, {w}*{h} ({len(man['clips'])} already in {out})"
               + (f", over {world} ranks" if world > 1 else ""))
     part_path = os.path.join(out, f"part_{rank}.json")
-    no_caption = [f for f in uncaptioned if f not in done] if rank == 0 else []
-    part = {"clips": [], "skipped": {"no_caption": no_caption} if no_caption else {}}
+    part = {"clips": [], "skipped": {}}
     if os.path.isfile(part_path):  # this rank's part of a run that stopped early: kept, extended
         with open(part_path, encoding="utf-8") as fh:
             old = json.load(fh)
@@ -293,14 +337,16 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
             tensors.clear()
             pending.clear()
 
+        said = lambda notes: "".join(f"; the reader says: {n}" for n in notes)  # noqa: E731
         for i, (j, (f, cap)) in enumerate(mine, 1):
             t0 = time.time()
             try:
-                video = resize_crop(read_frames(os.path.join(videos, f), frames), w, h)  # (3, F, h, w)
+                with reader_notes() as notes:
+                    video = resize_crop(read_frames(os.path.join(videos, f), frames), w, h)  # (3, F, h, w)
             except Skip as e:
                 part["skipped"].setdefault(e.args[0], []).append(f)
                 fits += [a for a in e.args[2:] if a]
-                print(f"[{i}/{len(mine)}] {f}: skipped, {e.args[0]} ({e.args[1]})", flush=True)
+                print(f"[{i}/{len(mine)}] {f}: skipped, {e.args[0]} ({e.args[1]}){said(notes)}", flush=True)
                 continue
             cid = f"{base + j:06d}"  # the manifest maps it to the file
             tensors[f"{cid}.latent"] = vae.encode(video[None].to(device))[0].cpu()  # (16, T, h/8, w/8) fp32
@@ -309,7 +355,7 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
                 tensors[f"{cid}.y"] = sample.i2v_condition(vae, video[:, 0], frames, h, w).cpu()
                 tensors[f"{cid}.clip"] = clip.encode_image(video[None, :, 0].to(device))[0].cpu()
             pending.append({"id": cid, "caption": cap, "file": f})
-            print(f"[{i}/{len(mine)}] {f}: {time.time() - t0:.1f}s", flush=True)
+            print(f"[{i}/{len(mine)}] {f}: {time.time() - t0:.1f}s{said(notes)}", flush=True)
             if len(pending) == SHARD_CLIPS:
                 flush()
         if pending:
@@ -317,7 +363,11 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
     write_json(part, part_path)
     barrier()
     if rank == 0:  # merge the parts into the manifest, then drop them
-        write_json(read_manifest(out), man_path)
+        man = read_manifest(out)
+        man["skipped"].pop("no_caption", None)
+        if uncaptioned:  # the folder as it is now: a video captioned since an earlier run has been encoded above
+            man["skipped"]["no_caption"] = uncaptioned
+        write_json(man, man_path)
         for f in parts(out):
             os.remove(os.path.join(out, f))
     if world > 1:
@@ -381,43 +431,6 @@ def collate(items):
     L = max(it["context"].shape[0] for it in items)
     out["context"] = torch.stack([F.pad(it["context"], (0, 0, 0, L - it["context"].shape[0])) for it in items])
     return out
-
-
-class Loader:
-    """Infinite, deterministic, resumable iteration; sharded per data-parallel rank.
-
-    Epoch e visits torch.randperm(N) seeded with seed + e; rank r takes order[r::world] in batches of
-    batch_size, the last partial batch dropped. Every rank gets the same number of batches per epoch, so
-    collectives stay in step. state_dict() is the position of the next batch.
-    """
-
-    def __init__(self, dataset, batch_size, rank=0, world=1, seed=0):
-        self.dataset, self.batch_size, self.rank, self.world, self.seed = dataset, batch_size, rank, world, seed
-        self.batches = len(dataset) // world // batch_size
-        if self.batches == 0:
-            raise ValueError(f"{len(dataset)} clips cannot give each of {world} rank(s) a full batch of {batch_size}: "
-                             "lower the batch size or precompute more clips")
-        self.epoch, self.index, self.order = 0, 0, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.order is None or self.order[0] != self.epoch:
-            perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            self.order = (self.epoch, perm[self.rank::self.world].tolist())
-        b = self.batch_size
-        idx = self.order[1][self.index * b:(self.index + 1) * b]
-        self.index += 1
-        if self.index == self.batches:
-            self.epoch, self.index = self.epoch + 1, 0
-        return collate([self.dataset[i] for i in idx])
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, d):
-        self.epoch, self.index = int(d["epoch"]), int(d["index"])
 
 
 # -----------------------------------------------------------------------------

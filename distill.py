@@ -13,6 +13,7 @@ writes resumable checkpoints. Every choice the paper leaves open is a field belo
 values, [choice] the closest prior work's (APT, DMD2, ADD/LADD), [ours] this project's.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -165,17 +166,21 @@ def bcast(s):
     return s.view(-1, 1, 1, 1, 1)
 
 
+# Every random draw of a step comes from its clip's own generator (rng: one per clip of the micro-batch, see
+# clip_rngs), so a clip's noise does not depend on how ranks, sp groups and micro-batches split the batch.
+
+
 def noise_like(x, rng):
-    return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in rng])
 
 
-def uniform(n, lo, hi, rng, device):
-    return lo + (hi - lo) * torch.rand(n, generator=rng, device=device)
+def uniform(lo, hi, rng, device):
+    return lo + (hi - lo) * torch.cat([torch.rand(1, generator=g, device=device) for g in rng])
 
 
-def renoise_sigma(n, k, rng, device):
+def renoise_sigma(k, rng, device):
     """sigma = shift(u, k), u ~ U[0.02, 0.98]: the re-noising level of DMD, C-SDS and the discriminator."""
-    return shift(uniform(n, 0.02, 0.98, rng, device), k)
+    return shift(uniform(0.02, 0.98, rng, device), k)
 
 
 class LoRA(nn.Module):
@@ -245,7 +250,7 @@ def hinge_d(d_real, d_fake):
 
 def str1_delta(x, sigma_s, sigma_t, rng):
     """Spatio-temporal perturbation: i.i.d. per element, plus one draw per (sample, channel, frame) over H and W."""
-    eps_t = torch.randn(*x.shape[:3], 1, 1, generator=rng, device=x.device)
+    eps_t = noise_like(x[:, :, :, :1, :1], rng)
     return sigma_s * noise_like(x, rng) + sigma_t * eps_t
 
 
@@ -278,11 +283,11 @@ def ema_update(ema, model, decay):
 def phase1_step(cfg, m, batch, rng):
     """Stability priming: DMD generator step, then k_fake fake-score steps on the same sample."""
     x0, cond = batch["latent"], batch["cond"]
-    B, dev = x0.shape[0], x0.device
-    s_g = uniform(B, cfg.sigma_g_min, 1.0, rng, dev)
+    dev = x0.device
+    s_g = uniform(cfg.sigma_g_min, 1.0, rng, dev)
     x_in = (1 - bcast(s_g)) * x0 + bcast(s_g) * noise_like(x0, rng)
     x0_hat = x_in - bcast(s_g) * run(m.gen, x_in, s_g, cond)
-    s = renoise_sigma(B, cfg.shift, rng, dev)
+    s = renoise_sigma(cfg.shift, rng, dev)
     x_s = (1 - bcast(s)) * x0_hat.detach() + bcast(s) * noise_like(x0, rng)
     with torch.no_grad():
         x0_real = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
@@ -294,7 +299,7 @@ def phase1_step(cfg, m, batch, rng):
     loss_f = 0.0
     m.lora["on"] = True
     for _ in range(cfg.k_fake):
-        s2 = renoise_sigma(B, cfg.shift, rng, dev)
+        s2 = renoise_sigma(cfg.shift, rng, dev)
         eps = noise_like(x0, rng)
         x_s2 = (1 - bcast(s2)) * x0_hat.detach() + bcast(s2) * eps
         lf = F.mse_loss(run(m.teacher, x_s2, s2, cond), eps - x0_hat.detach()) / cfg.k_fake
@@ -314,7 +319,7 @@ def disc_shift(cfg, x):
 
 def noisy_d(cfg, xs, rng):
     """Noise each of the tensors xs at one shared sigma_d = shift(u, disc_shift) per sample."""
-    s = renoise_sigma(xs[0].shape[0], disc_shift(cfg, xs[0]), rng, xs[0].device)
+    s = renoise_sigma(disc_shift(cfg, xs[0]), rng, xs[0].device)
     return [(1 - bcast(s)) * x + bcast(s) * noise_like(x, rng) for x in xs], s
 
 
@@ -353,40 +358,48 @@ def phase2_g_step(cfg, m, batch, rng):
     # still drawn, so the random streams stay those of the full method.
     (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)
     loss_adv = -disc(m, fake_d, s_d, cond).mean() if cfg.lambda_adv else torch.zeros((), device=dev)
-    s = renoise_sigma(B, cfg.shift, rng, dev)
+    s = renoise_sigma(cfg.shift, rng, dev)
     with torch.no_grad():
         x_s = (1 - bcast(s)) * x0_hat + bcast(s) * noise_like(x0, rng)
         target = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], csds_guidance(cfg, s)) if cfg.lambda_csds else None
     loss_csds = csds_loss(x0_hat, target) if cfg.lambda_csds else torch.zeros((), device=dev)
-    # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G
-    # (under sp > 1 the adversarial one is this rank's share of the tokens). Each grad stops at x0_hat, so G's graph
-    # survives it while the backbone's is freed before G's backward.
+    # each term's gradient at x0_hat, kept apart to log how hard each pushes G, then one backward through G. Each grad
+    # stops at x0_hat, so G's graph survives it while the backbone's is freed before G's backward.
     g_adv, g_csds = (torch.autograd.grad(lam * loss, x0_hat)[0] if lam else torch.zeros_like(x0_hat)
                      for lam, loss in ((cfg.lambda_adv, loss_adv), (cfg.lambda_csds, loss_csds)))
     x0_hat.backward(g_adv + g_csds)
-    return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach(),
-            "gx_adv": g_adv.norm().detach(), "gx_csds": g_csds.norm().detach()}
+    gx_adv = g_adv.norm().detach()
+    if m.gen.sp_group is not None:  # under sp, each rank holds sp x the adversarial gradient of its own tokens alone
+        gx_adv = gx_adv.square()
+        dist.all_reduce(gx_adv, group=m.gen.sp_group)
+        gx_adv = gx_adv.sqrt() / dist.get_world_size(m.gen.sp_group)
+    return {"loss_g_adv": loss_adv.detach(), "loss_csds": loss_csds.detach(), "gx_adv": gx_adv,
+            "gx_csds": g_csds.norm().detach()}
 
 
 @torch.no_grad()
-def disc_accuracy(cfg, m, val, neg, device):
+def disc_accuracy(cfg, m, val, neg, device, dp_rank, dp):
     """D's accuracy on held-out clips, real against the generator's one-step sample of the same condition, at each
     fixed sigma_d of val_sigmas: the fraction of clips where D(real) > D(fake), both noised alike (0.5 = chance).
-    A paired test does not depend on D's offset, which the hinge loss leaves free. All noise comes from a fixed
-    seed, so successive evaluations differ only by D and G. Every rank runs every clip (sp groups need it)."""
-    sigmas, rng = [float(v) for v in cfg.val_sigmas.split(",")], torch.Generator(device).manual_seed(12345)
-    hits = torch.zeros(len(sigmas))
-    for i in range(0, len(val), cfg.micro_batch):
-        b = prepare(D.collate(val[i:i + cfg.micro_batch]), neg, m.gen.cfg.text_len, device)
+    A paired test does not depend on D's offset, which the hinge loss leaves free. Each clip's noise comes from a
+    fixed seed, so successive evaluations differ only by D and G. The micro-batches are split over the data-parallel
+    groups; every rank runs as many forwards (FSDP's collectives need it), a spare one repeating the last, uncounted."""
+    sigmas, mb = [float(v) for v in cfg.val_sigmas.split(",")], cfg.micro_batch
+    hits, n_mb = torch.zeros(len(sigmas), device=device), -(-len(val) // mb)
+    for r in range(0, n_mb, dp):
+        i = min(r + dp_rank, n_mb - 1) * mb
+        b = prepare(D.collate(val[i:i + mb]), neg, m.gen.cfg.text_len, device)
         x0, cond, B = b["latent"], b["cond"], b["latent"].shape[0]
+        rng = [torch.Generator(device).manual_seed(12345 + j) for j in range(i, i + B)]
         eps = noise_like(x0, rng)
         fake = eps - run(m.gen, eps, torch.ones(B, device=device), cond)
         for j, sig in enumerate(sigmas):
             s, n = torch.full((B,), sig, device=device), noise_like(x0, rng)
             d = disc(m, torch.cat([(1 - sig) * x0 + sig * n, (1 - sig) * fake + sig * n]), s.repeat(2),
                      {k: torch.cat([v, v]) for k, v in cond.items()})
-            hits[j] += (d[:B] > d[B:]).sum().cpu()
-    return {f"val_acc@{sig:g}": round(float(h) / len(val), 4) for sig, h in zip(sigmas, hits)}
+            hits[j] += (d[:B] > d[B:]).sum() * (r + dp_rank < n_mb)
+    dist.all_reduce(hits)  # the ranks of an sp group counted the same clips
+    return {f"val_acc@{sig:g}": round(float(h) / cfg.sp / len(val), 4) for sig, h in zip(sigmas, hits.tolist())}
 
 
 # -----------------------------------------------------------------------------
@@ -493,6 +506,35 @@ class Models:
         self.backbone = {"ema": self.ema, "live": self.live, "teacher": self.teacher}[cfg.disc_backbone]
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, n, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def stream_position(cfg, step):
+    """Clips drawn before `step` from the run's clip stream: a Phase I step draws batch_size, a Phase II step
+    disc_steps x batch_size."""
+    return cfg.batch_size * (min(step, cfg.phase1_steps) + cfg.disc_steps * max(0, step - cfg.phase1_steps))
+
+
+def micro_batches(cfg, dataset, first, dp_rank, dp):
+    """This rank's micro-batches of the global batch at `first` in the run's clip stream, each as (batch, its clips'
+    positions). The stream is one order whatever the topology: position q is clip randperm(N) at q % N, seeded with
+    seed + q // N; micro-batch g of the global batch goes to data-parallel rank g % dp."""
+    n, mb = len(dataset), cfg.micro_batch
+    out = []
+    for g in range(dp_rank, cfg.batch_size // mb, dp):
+        pos = range(first + g * mb, first + (g + 1) * mb)
+        out.append((D.collate([dataset[epoch_order(cfg.seed, n, q // n)[q % n]] for q in pos]), pos))
+    return out
+
+
+def clip_rngs(cfg, positions, role, device):
+    """One generator per clip, seeded by the run's seed, the clip's position in the stream and the kind of step
+    (role: 0 Phase I, 1 D, 2 G), so every draw for a clip is the same on any number of ranks, sp or micro_batch."""
+    return [torch.Generator(device).manual_seed(cfg.seed * 2**42 + 4 * q + role) for q in positions]
+
+
 def prepare(batch, neg, text_len, device):
     """A Loader batch -> latent, condition dict and negative condition on the device (contexts padded to text_len)."""
     pad = lambda c: F.pad(c, (0, 0, 0, text_len - c.shape[-2]))
@@ -536,22 +578,51 @@ def save_ckpt(cfg, m, opts, step, group, extra):
     rank, final = dist.get_rank(), os.path.join(cfg.out, f"ckpt_{step:08d}")
     tmp = final + ".tmp"
     dcp.save(train_state(m, opts), checkpoint_id=tmp, process_group=group)
-    torch.save(extra, os.path.join(tmp, f"rank{rank}.pt"))  # RNG state and data position of this rank
+    if rank == 0:  # the step, the count of skipped steps and the model's shape: the rest follows from the step
+        for name, obj in (("state.json", extra), ("config.json", dataclasses.asdict(cfg))):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
     dist.barrier(group)
     if rank == 0:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
         os.replace(tmp, final)  # atomic: resume only ever sees complete checkpoints
         prune(cfg.out, cfg.keep_ckpts)
     dist.barrier(group)
 
 
-def load_ckpt(path, m, opts, phase1_steps, group):
+# Fields a resumed run must share with its checkpoint: the data and noise follow from them, or the saved state's
+# shapes do; from Phase II on, also the heads' and Phase II's. The others may change; the change is printed.
+FIXED = ("seed", "batch_size", "phase1_steps", "lora_rank")
+FIXED_PHASE2 = ("phase2_steps", "disc_steps", "disc_backbone", "disc_taps", "disc_queries", "disc_width", "semantic")
+
+
+def check_resume(cfg, path, extra, model_cfg):
+    """Refuse, in one line, a resume that changes a fixed field or the teacher's shape; print what else changed."""
+    with open(os.path.join(path, "config.json")) as f:
+        old = json.load(f)
+    fixed = FIXED + FIXED_PHASE2 * (extra["step"] > cfg.phase1_steps)
+    bad = [f"--{k}={old[k]} (now {getattr(cfg, k)})" for k in fixed if old.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    if extra["model"] != json.loads(json.dumps(dataclasses.asdict(model_cfg))):  # as saved: tuples become lists
+        bad.append(f"--teacher={old['teacher']} (now {cfg.teacher}, another model)")
+    if bad:
+        fail(f"{path} was written with {', '.join(bad)}: these cannot change on resume; pass the checkpoint's values "
+             f"or another --out")
+    changed = [f"--{k}={getattr(cfg, k)} (was {old[k]})" for k in old
+               if k not in fixed and k in cfg.__dict__ and old[k] != getattr(cfg, k)]
+    if changed and dist.get_rank() == 0:
+        print(f"resuming {path} with " + ", ".join(changed))
+
+
+def load_ckpt(path, m, opts, cfg, group):
     """Restore every model and optimizer. The heads train only in Phase II, so from a checkpoint taken before it
     they are left as this run built them: a shared Phase I can start runs whose heads differ (width, taps, ...)."""
-    extra = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        fail(f"{path} has no state.json: it was written by an older distill.py, which this one cannot resume; "
+             "use another --out")
+    with open(os.path.join(path, "state.json")) as f:
+        extra = json.load(f)
+    check_resume(cfg, path, extra, m.gen.cfg)
     parts = [("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])]
-    parts = [p for p in parts if p[0] != "disc" or extra["step"] > phase1_steps]
+    parts = [p for p in parts if p[0] != "disc" or extra["step"] > cfg.phase1_steps]
     state = {k: v for k, v in train_state(m, opts).items() if k.removeprefix("opt_") in {p[0] for p in parts} | {"ema"}}
     dcp.load(state, checkpoint_id=path, process_group=group)
     for name, mdl, opt in parts:
@@ -648,7 +719,7 @@ def main(argv, launch=None):
     if cfg.export_lora:
         return export_lora(cfg)
     device, dp_rank, dp, sp_group, wait_group = setup_dist(cfg, *(launch or launch_env()))
-    rank, world, master = dist.get_rank(), dist.get_world_size(), dist.get_rank() == 0
+    world, master = dist.get_world_size(), dist.get_rank() == 0
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
         fail(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
     if os.path.exists(os.path.join(cfg.out, "student.safetensors")):
@@ -674,7 +745,6 @@ def main(argv, launch=None):
         fail(f"{data_dir} holds {len(dataset)} clips; --batch_size={cfg.batch_size} is accumulated from micro-batches of "
              f"{cfg.micro_batch} on each of {dp} data-parallel ranks, which need at least {dp * cfg.micro_batch}: "
              "precompute more clips")
-    loader = D.Loader(dataset, cfg.micro_batch, rank=dp_rank, world=dp, seed=cfg.seed)
 
     torch.manual_seed(cfg.seed)  # identical initial heads and LoRA on every rank
     m = Models(cfg, device, sp_group)
@@ -683,7 +753,6 @@ def main(argv, launch=None):
     opts = {"gen": torch.optim.Adam(m.gen.parameters(), lr=cfg.lr_phase1),
             "fake": torch.optim.Adam([p for p in m.teacher.parameters() if p.requires_grad], lr=cfg.lr_fake),
             "disc": torch.optim.Adam(m.disc.parameters(), lr=cfg.lr_disc, betas=(cfg.beta1, cfg.beta2))}
-    rng = torch.Generator(device).manual_seed(cfg.seed * 1000 + dp_rank)  # ranks of one sp group draw alike
 
     x = dataset[0]["latent"]
     tokens = x.shape[1] * x.shape[2] * x.shape[3] // 4
@@ -701,16 +770,24 @@ def main(argv, launch=None):
     step, bad = 0, 0
     ck = latest_ckpt(cfg.out)
     if ck:
-        extra = load_ckpt(ck, m, opts, cfg.phase1_steps, wait_group)
+        extra = load_ckpt(ck, m, opts, cfg, wait_group)
         step, bad = extra["step"], extra["bad"]
-        rng.set_state(extra["rng"])
-        loader.load_state_dict(extra["loader"])
-        if master:
-            print(f"resumed from {ck} at step {step}")
+    if master:
+        print(f"resumed from {ck} at step {step}" if ck else f"no checkpoint in {cfg.out}: starting at step 0")
 
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # preemption: save, then exit
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+
+    def on_signal(*_):  # preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, save, exit 0; a 2nd Ctrl-C aborts
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    if master and os.path.exists(log_path):  # a restart redoes the steps after its checkpoint: drop their lines
+        with open(log_path) as f:
+            keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        D.write_text("".join(keep), log_path)
+    log = open(log_path, "a") if master else None
     tb = None
     if cfg.tensorboard and master:
         try:
@@ -745,24 +822,26 @@ def main(argv, launch=None):
             for g in opts["gen"].param_groups:
                 g["lr"], g["betas"] = cfg.lr_phase2, (cfg.beta1, cfg.beta2)
         stats = {}
+        prep = lambda b: prepare(b, dataset.neg_context, m.gen.cfg.text_len, device)  # noqa: E731
+        first = stream_position(cfg, step)
         if phase == 1:
-            for _ in range(accum):
-                b = prepare(next(loader), dataset.neg_context, m.gen.cfg.text_len, device)
-                for k, v in phase1_step(cfg, m, b, rng).items():
+            for b, pos in micro_batches(cfg, dataset, first, dp_rank, dp):
+                for k, v in phase1_step(cfg, m, prep(b), clip_rngs(cfg, pos, 0, device)).items():
                     stats[k] = stats.get(k, 0) + v / accum
             stats |= opt_step("gen", m.gen.parameters()) | opt_step("fake", opts["fake"].param_groups[0]["params"])
         else:
             if m.live is not None:
                 ema_update(m.live, m.gen, 0.0)
             opts["disc"].zero_grad(set_to_none=True)
-            for _ in range(cfg.disc_steps):  # discriminator steps, then a generator step on the last one's clips
-                batches = [prepare(next(loader), dataset.neg_context, m.gen.cfg.text_len, device) for _ in range(accum)]
-                for b in batches:
-                    for k, v in phase2_d_step(cfg, m, b, rng).items():
+            for d in range(cfg.disc_steps):  # discriminator steps, then a generator step on the last one's clips
+                batches = [(prep(b), pos) for b, pos in
+                           micro_batches(cfg, dataset, first + d * cfg.batch_size, dp_rank, dp)]
+                for b, pos in batches:
+                    for k, v in phase2_d_step(cfg, m, b, clip_rngs(cfg, pos, 1, device)).items():
                         stats[k] = stats.get(k, 0) + v / accum / cfg.disc_steps
                 stats |= opt_step("disc", m.disc.parameters())
-            for b in batches:
-                for k, v in phase2_g_step(cfg, m, b, rng).items():
+            for b, pos in batches:
+                for k, v in phase2_g_step(cfg, m, b, clip_rngs(cfg, pos, 2, device)).items():
                     stats[k] = stats.get(k, 0) + v / accum
             opts["disc"].zero_grad(set_to_none=True)  # L_G reached the heads' parameters: never used
             stats |= opt_step("gen", m.gen.parameters())
@@ -777,7 +856,7 @@ def main(argv, launch=None):
             stop["now"] = True
         flag = torch.tensor([float(stop["now"])], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank's SIGTERM stops all of them together
-        val_stats = disc_accuracy(cfg, m, val, dataset.neg_context, device) if val and phase == 2 and (
+        val_stats = disc_accuracy(cfg, m, val, dataset.neg_context, device, dp_rank, dp) if val and phase == 2 and (
             (step - cfg.phase1_steps) % cfg.val_every == 0 or step == total) else {}
         if step % cfg.log_every == 0 or step == total or flag.item() or val_stats:
             vals = torch.tensor([sums[k] / n_log for k in sorted(sums)], device=device)
@@ -795,7 +874,7 @@ def main(argv, launch=None):
                     tb.add_scalar(k, v, step)
             sums, n_log = {}, 0
         if step % cfg.ckpt_every == 0 or step == total or flag.item():
-            save_ckpt(cfg, m, opts, step, wait_group, {"step": step, "bad": bad, "rng": rng.get_state(), "loader": loader.state_dict()})
+            save_ckpt(cfg, m, opts, step, wait_group, {"step": step, "bad": bad, "model": dataclasses.asdict(m.gen.cfg)})
         if flag.item():
             if master:
                 print(f"stopped at step {step}: " + ("too many non-finite losses; lower the lr or check the data"
@@ -810,5 +889,9 @@ def main(argv, launch=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C before the first step (after it, the step finishes and a checkpoint is saved)
+        sys.exit("distill.py: interrupted before the first step; nothing to save" if os.environ.get("RANK", "0") == "0"
+                 else 130)
     D.end_rank()

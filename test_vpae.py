@@ -1,15 +1,19 @@
 """vpae tests: tiny configs, random weights in the official file formats, CPU, seconds."""
 import argparse
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 
 import imageio.v2 as imageio
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -329,10 +333,10 @@ def sp_worker(ckpt):
 def test_hinge_and_str1():
     import distill
     assert torch.isclose(distill.hinge_d(torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.3])), torch.tensor(0.9))
-    rng = torch.Generator().manual_seed(0)
+    rng = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]  # one per clip
     x = torch.zeros(2, 3, 4, 5, 6)
     d = distill.str1_delta(x, 0.0, 0.1, rng)  # temporal part alone: constant over H and W, varies over frames
-    assert torch.equal(d, d[..., :1, :1].expand_as(d)) and d[0, 0, 0, 0, 0] != d[0, 0, 1, 0, 0]
+    assert torch.equal(d, d[..., :1, :1].expand_as(d)) and d[0, 0, 0, 0, 0] != d[0, 0, 1, 0, 0] != d[1, 0, 1, 0, 0]
     d = distill.str1_delta(x, 0.01, 0.1, rng)
     a = torch.randn(3, 4, 5, 6)
     D = lambda v: (v * a).sum(dim=(1, 2, 3, 4))  # a linear "discriminator": D(x + d) - D(x) = a . d
@@ -391,7 +395,7 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
                                         "clip_fea": kw["clip_fea"][:1], "y": kw["y"][:1]},
              "neg": {"context": torch.zeros(1, cfg.text_len, cfg.text_dim)}}
     c = distill.Config(lora_rank=4)
-    rng = torch.Generator().manual_seed(0)
+    rng = [torch.Generator().manual_seed(0)]
     distill.phase2_d_step(c, m, batch, rng)
     assert all(p.grad is None for p in gen.parameters()) and all(p.grad is not None for p in disc.parameters())
     distill.phase2_g_step(c, m, batch, rng)
@@ -402,14 +406,14 @@ def test_phase2_gradients_reach_only_the_generator_and_heads():
         torch.manual_seed(head_seed)
         m.disc = M.Discriminator(cfg.dim, (0, 1), width=64, n_queries=2)
         gen.zero_grad(set_to_none=True)
-        distill.phase2_g_step(replace(c, lambda_adv=lambda_adv), m, batch, torch.Generator().manual_seed(1))
+        distill.phase2_g_step(replace(c, lambda_adv=lambda_adv), m, batch, [torch.Generator().manual_seed(1)])
         return torch.cat([p.grad.flatten() for p in gen.parameters()])
 
     assert not torch.equal(g_grad(1.0, 0), g_grad(1.0, 1))  # the heads steer the generator
     assert torch.equal(g_grad(0.0, 0), g_grad(0.0, 1))  # lambda_adv = 0: C-SDS alone
     ref, m.disc = g_grad(0.0, 0), None  # ... and D is not even run (a run without heads would fail)
     gen.zero_grad(set_to_none=True)
-    distill.phase2_g_step(replace(c, lambda_adv=0.0), m, batch, torch.Generator().manual_seed(1))
+    distill.phase2_g_step(replace(c, lambda_adv=0.0), m, batch, [torch.Generator().manual_seed(1)])
     assert torch.equal(torch.cat([p.grad.flatten() for p in gen.parameters()]), ref)
 
 
@@ -1435,25 +1439,26 @@ def ids(batch):
     return batch["latent"][:, 0].tolist()
 
 
-def test_loader_deterministic_resumable_sharded():
-    a, b = data.Loader(Ids(), 2, seed=3), data.Loader(Ids(), 2, seed=3)
-    first = [ids(next(a)) for _ in range(12)]
-    assert first == [ids(next(b)) for _ in range(12)]
-    assert sorted(sum(first[:5], [])) == list(range(10))  # one epoch = 5 batches, each clip once
-    assert first[:5] != first[5:10]  # a new order each epoch
-    c = data.Loader(Ids(), 2, seed=3)
-    for _ in range(7):
-        next(c)
-    state = c.state_dict()
-    assert state == {"epoch": 1, "index": 2}
-    d = data.Loader(Ids(), 2, seed=3)
-    d.load_state_dict(state)
-    assert [ids(next(d)) for _ in range(5)] == first[7:12]
-    r0, r1 = data.Loader(Ids(), 2, rank=0, world=2), data.Loader(Ids(), 2, rank=1, world=2)
-    s0, s1 = [sum((ids(next(r)) for _ in range(2)), []) for r in (r0, r1)]
-    assert len(s0) == len(s1) == 4 and not set(s0) & set(s1)
-    with pytest.raises(ValueError, match="full batch"):
-        data.Loader(Ids(), 6, world=2)
+def test_clip_stream_is_the_same_on_any_topology():
+    """distill's clip stream: each epoch visits every clip once in a new order, batches run across epochs, and a global
+    batch's micro-batches, dealt to the data-parallel ranks, are the same clips in the same slots for any dp or
+    micro_batch; each clip's generators depend on its position and the step kind only."""
+    import distill
+    cfg = distill.Config(seed=3, batch_size=4, micro_batch=1)
+    stream = [ids(b) for first in range(0, 24, 4) for b, _ in distill.micro_batches(cfg, Ids(), first, 0, 1)]
+    flat = sum(stream, [])
+    assert sorted(flat[:10]) == sorted(flat[10:20]) == list(range(10)) and flat[:10] != flat[10:20]
+    for dp, mb in ((2, 1), (4, 1), (2, 2), (1, 4)):
+        c = replace(cfg, micro_batch=mb)
+        for first in (0, 8, 16):
+            got = {}
+            for r in range(dp):
+                for b, pos in distill.micro_batches(c, Ids(), first, r, dp):
+                    got.update(zip(pos, ids(b)))
+            assert [got[q] for q in range(first, first + 4)] == flat[first:first + 4], (dp, mb, first)
+    draw = lambda pos, role: torch.stack([torch.rand(3, generator=g) for g in distill.clip_rngs(cfg, pos, role, "cpu")])  # noqa: E731
+    assert torch.equal(draw(range(4, 6), 1)[1], draw(range(5, 7), 1)[0]) and not torch.equal(draw([5], 1), draw([5], 2))
+    assert distill.stream_position(replace(cfg, phase1_steps=3, disc_steps=2), 5) == 4 * (3 + 2 * 2)
 
 
 def test_help(capsys):
@@ -1668,15 +1673,60 @@ def slow_worker(argv):
     distill.main(argv)
 
 
-def test_distill_sigterm_saves_then_exits(i2v_ckpt, latents, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_distill_signal_saves_then_exits_and_the_log_has_no_repeats(sig, i2v_ckpt, latents, tmp_path):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) alike: the step finishes, a checkpoint is saved, one line, exit 0. The
+    run resumed from it rewrites log.jsonl without the lines of the steps it redoes."""
     import signal
     out = str(tmp_path / "term")
-    p = start_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=1000", "--ckpt_every=1000"], out)
-    p.send_signal(signal.SIGTERM)
+    args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=1000", "--ckpt_every=1000"]
+    p = start_distill(args, out)
+    p.send_signal(getattr(signal, sig))
     text, _ = p.communicate(timeout=300)
-    assert p.returncode == 0 and "checkpoint saved" in text, text[-3000:]
+    assert p.returncode == 0 and "checkpoint saved" in text and "Traceback" not in text, text[-3000:]
+    assert f"no checkpoint in {out}: starting at step 0" in text
     ckpts = [d for d in os.listdir(out) if d.startswith("ckpt_")]
     assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp") and int(ckpts[0][5:]) < 1000
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # as if the run had logged a step after its checkpoint
+        f.write(json.dumps({"step": int(ckpts[0][5:]) + 1, "phase": 1}) + "\n")
+    r = run_distill(args + [f"--out={out}", "--stop_after=2"])
+    steps = [x["step"] for x in read_log(out)]
+    assert r.returncode == 0 and steps == sorted(set(steps)) and steps[-1] == int(ckpts[0][5:]) + 2, steps
+
+
+def test_distill_resume_on_other_world_sizes_and_sp(i2v_ckpt, latents, tmp_path):
+    """A 2-rank run stopped and resumed on 4 ranks, then on 1, and another resumed from 2 ranks at sp 1 onto 2 ranks
+    at sp 2, against the uninterrupted 2-rank run. The data order and every clip's noise are the same whatever the
+    topology, so every logged figure is equal to its 6 decimals (measured) but one: the sums over ranks and
+    micro-batches come in another order, and the heads' Adam (beta1 0) turns a gradient element's rounding into a
+    step of up to lr_disc at the first steps, so D's outputs after a resume on 1 rank move by 1e-5 (measured 1.1e-5 in
+    loss_g_adv); the students differ by 7e-9 (measured). Fields that must not change are refused; others printed."""
+    base = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=2", "--phase2_steps=2", "--batch_size=4",
+            "--keep_ckpts=1"]
+    run = lambda out, n, *extra: run_distill(base + [f"--out={tmp_path / out}", *extra], nproc=n)  # noqa: E731
+    assert run("a", 2).returncode == 0
+    for n, extra in ((2, ["--stop_after=1"]), (4, ["--stop_after=1"]), (1, [])):
+        r = run("b", n, *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for n, extra in ((2, ["--stop_after=2"]), (2, ["--sp=2", "--lr_phase2=2e-6"])):
+        r = run("c", n, *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "with --lr_phase2=2e-06 (was 2e-06)" not in r.stdout and "--sp=2 (was 1)" in r.stdout
+    a, b, c = (read_log(tmp_path / x) for x in "abc")
+    assert [x["step"] for x in b] == [x["step"] for x in c] == [1, 2, 3, 4]
+    keys = [k for k in a[0] if k.startswith(("loss", "gnorm"))] + [k for k in a[-1] if k.startswith(("loss", "d_"))]
+    for run_log in (b, c):
+        for x, y in zip(a, run_log):
+            for k in keys:
+                if k in x:  # rounding only: a different order of the clips or of their noise moves these by percents
+                    assert y[k] == pytest.approx(x[k], rel=1e-6, abs=5e-5), (k, x["step"], x[k], y[k])
+    students = [WanModel.from_pretrained(tmp_path / x / "student.safetensors") for x in "abc"]
+    for s in students[1:]:
+        diff = max(float((p - q).abs().max()) for p, q in zip(students[0].parameters(), s.parameters()))
+        assert diff < 1e-6, diff
+    assert run("d", 1, "--stop_after=1").returncode == 0
+    r = run("d", 1, "--seed=1", "--batch_size=2")
+    assert r.returncode != 0 and "--seed=0 (now 1), --batch_size=4 (now 2)" in r.stdout + r.stderr, r.stdout[-2000:]
 
 
 # -----------------------------------------------------------------------------
@@ -2831,3 +2881,113 @@ def test_offload_blocks_at_most_two_blocks_on_the_device():
             finished = max(finished, int(s[9:]) + 1)
         if s.startswith("copy"):
             assert int(s[4:]) + 1 - finished <= 2, log[:i + 1]
+
+
+# =============================================================================
+# video folders as people have them (issue 29)
+
+
+def _d_clip(frames, h, w):
+    """uint8 [F, H, W, 3]: a bright top half over a dark bottom half, and a grey bar moving right."""
+    x = np.full((frames, h, w, 3), 30, np.uint8)
+    x[:, :h // 2] = 220
+    for t in range(frames):
+        x[t, :, 2 * t % w] = 128
+    return x
+
+
+def _d_ffmpeg(path, clip, fps, *args, before=()):
+    """Encode clip with the bundled ffmpeg: `before` are options of the piped input, `args` go after it (another
+    input, the output options; none: the container's default codec)."""
+    h, w = clip.shape[1:3]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *before, "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *args, str(path)]
+    r = subprocess.run(cmd, input=np.ascontiguousarray(clip).tobytes(), capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+
+
+@pytest.fixture(scope="module")
+def _d_videos(tmp_path_factory):
+    """The folder of issue 29, small: 10 videos, 9 of them captioned, and 2 files that are not videos."""
+    root = tmp_path_factory.mktemp("folder")
+    land, portrait = _d_clip(20, 48, 64), _d_clip(20, 64, 48)
+    x264 = ("-c:v", "libx264", "-pix_fmt", "yuv420p")
+    _d_ffmpeg(root / "portrait.mp4", portrait, 30, "-f", "lavfi", "-i", "sine=duration=1", "-shortest", *x264)
+    _d_ffmpeg(root / "hevc.mp4", land, 60, "-c:v", "libx265", "-pix_fmt", "yuv420p10le")  # 20 frames at 60 fps
+    _d_ffmpeg(root / "av1.mkv", land, 24, "-c:v", "libsvtav1", "-preset", "12", "-pix_fmt", "yuv420p")
+    # a phone's portrait clip: stored landscape (the portrait turned clockwise), shown turned back by the metadata
+    _d_ffmpeg(root / "phone.mov", np.rot90(portrait, -1, (1, 2)), 30, *x264,
+              before=("-noautorotate", "-display_rotation", "90"))  # 90 degrees counter-clockwise when displayed
+    _d_ffmpeg(root / "old.avi", land[:3], 25, "-c:v", "mpeg4")  # 3 frames
+    _d_ffmpeg(root / "anim.gif", land, 10)
+    _d_ffmpeg(root / "plain.mp4", land, 16, *x264)
+    _d_ffmpeg(root / "extra.webm", land, 16, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-pix_fmt", "yuv420p")
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "truncated.mp4").write_bytes((root / "plain.mp4").read_bytes()[:1000])
+    (root / "notes.md").write_text("shot on a phone\n")
+    (root / "cover.jpg").write_bytes(b"\xff\xd8\xff")
+    for f in os.listdir(root):  # a .txt caption beside each video but extra.webm
+        if f.endswith(data.VIDEO_EXTS) and f != "extra.webm":
+            (root / f).with_suffix(".txt").write_text("a cat\n")
+    return str(root)
+
+
+def test_every_file_of_a_video_folder_is_encoded_skipped_or_ignored(t2v_ckpt, _d_videos, tmp_path, capsys,
+                                                                     monkeypatch):
+    read = data.read_frames
+
+    def noisy(path, frames):  # the reader warns twice, by log and by warnings: said once, on the clip's own line
+        if path.endswith("plain.mp4"):
+            for _ in range(2):
+                logging.getLogger("imageio_ffmpeg").warning("odd timestamps")
+                warnings.warn("odd stream")
+        return read(path, frames)
+
+    monkeypatch.setattr(data, "read_frames", noisy)
+    videos, out = shutil.copytree(_d_videos, tmp_path / "videos"), str(tmp_path / "lat")
+    args = ["--ckpt_dir", t2v_ckpt, "--videos", str(videos), "--out", out, "--frames", "5", "--size", "16*16"]
+    data.main(args)
+    cap = capsys.readouterr()
+    log = cap.out + cap.err
+    with open(os.path.join(out, "manifest.json")) as f:
+        man = json.load(f)
+    assert sorted(c["file"] for c in man["clips"]) == ["anim.gif", "av1.mkv", "hevc.mp4", "phone.mov", "plain.mp4",
+                                                       "portrait.mp4"]
+    assert man["skipped"] == {"no_caption": ["extra.webm"], "too_short": ["old.avi"],
+                              "unreadable": ["empty.mp4", "truncated.mp4"]}
+    assert "ignored 2 file(s) that are not videos or captions: cover.jpg, notes.md\n" in log
+    assert "skipped 1 video(s) that have no caption: extra.webm\n" in log
+    assert "[5/9] old.avi: skipped, too_short (3 frames at 25 fps; 5 frames at 16 fps need 7)\n" in log
+    assert all(f in log for f in os.listdir(_d_videos) if not f.endswith(".txt"))  # every file named
+    assert "frame size" not in log  # the rotated clip's warning is dropped: harmless
+    assert [line.split(": ", 1)[0] for line in log.splitlines() if "odd" in line] == ["[7/9] plain.mp4"]
+    assert log.count("odd timestamps") == log.count("odd stream") == 1
+    assert "Traceback" not in log
+    (videos / "extra.txt").write_text("a cat\n")  # captioned after the run: the next run encodes it
+    data.main(args)
+    assert "1 clips to encode" in capsys.readouterr().out
+    with open(os.path.join(out, "manifest.json")) as f:
+        man = json.load(f)
+    assert len(man["clips"]) == 7 and "no_caption" not in man["skipped"]
+
+
+def test_rotated_and_portrait_clips_arrive_as_displayed(_d_videos):
+    for name in ("phone.mov", "portrait.mp4"):
+        x = data.read_frames(os.path.join(_d_videos, name), 5).astype(float)
+        assert x.shape == (5, 64, 48, 3)
+        assert x[:, :24].mean() > x[:, 40:].mean() + 100  # the bright half on top
+
+
+def test_list_clips_with_captions_jsonl_names_the_uncaptioned_and_the_ignored(tmp_path):
+    for f in ("a.mp4", "a.txt", "b.MOV", "sub/c.mkv", "notes.md"):
+        os.makedirs((tmp_path / f).parent, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "a.mp4", "caption": "a cat"}) + "\n")
+    assert data.list_clips(str(tmp_path)) == ([("a.mp4", "a cat")], ["b.MOV", "sub/c.mkv"], ["notes.md"])
+
+
+def test_every_video_extension_reads(tmp_path):
+    assert {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".gif"} <= set(data.VIDEO_EXTS)
+    for ext in data.VIDEO_EXTS:  # each written with its container's default codec (.wmv: MS-MPEG4, .3gp: H.263, ...)
+        _d_ffmpeg(tmp_path / f"a{ext}", _d_clip(12, 96, 128), 25)  # 96x128 fits H.263; 25 fps fits MPEG-1
+        assert data.read_frames(str(tmp_path / f"a{ext}"), 5).shape == (5, 96, 128, 3), ext
