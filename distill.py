@@ -96,6 +96,9 @@ class Config:
     ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM)
     keep_ckpts: int = 3  # the newest k complete checkpoints are kept
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
+    grad_clip: float = 10.0  # clip the global gradient norm of the generator, the fake score and the heads to this; 0 =
+    #   off [choice: FastGen's DMD2 and LADD recipes clip their student at 10; a spike in an adversarial step then
+    #   moves Adam's moments less]
     export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
     export_lora: int = 0  # RANK > 0: only write OUT/student.safetensors as a LoRA of --teacher (see export_lora)
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
@@ -268,6 +271,13 @@ def csds_guidance(cfg, s):
     if not cfg.csds_guide_scale:
         return cfg.guide_scale
     return bcast(torch.where(s < cfg.csds_guide_until, cfg.csds_guide_scale, cfg.guide_scale).to(s.dtype))
+
+
+def clip_grads(params, max_norm):
+    """Scale the gradients of params to a global norm (over every rank's shards) of at most max_norm (0: no limit);
+    returns their norm before."""
+    norm = nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 @torch.no_grad()
@@ -798,13 +808,12 @@ def main(argv, launch=None):
     total, sums, n_log, start = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step
 
     def opt_step(name, params):
-        """Average the accumulated grads, measure the global norm; step unless it is not finite."""
+        """Average the accumulated grads, clip their global norm; step unless it is not finite."""
         nonlocal bad
         params = [p for p in params if p.grad is not None]
         for p in params:
             p.grad.div_(accum)
-        norm = nn.utils.clip_grad_norm_(params, float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = clip_grads(params, cfg.grad_clip)
         ok = bool(torch.isfinite(norm))  # the norm is global, so every rank decides alike
         if ok:
             opts[name].step()

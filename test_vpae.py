@@ -373,6 +373,17 @@ def test_dmd_gradient_and_csds_target():
     assert distill.csds_guidance(distill.Config(), s) == 5.0
 
 
+def test_clip_grads():
+    import distill
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    p.grad, q.grad = torch.full((3,), 4.0), torch.zeros(4)
+    q.grad[0] = 6.0  # global norm sqrt(3 * 16 + 36) = sqrt(84)
+    assert float(distill.clip_grads([p, q], 2.0)) == pytest.approx(84**0.5)
+    assert float(torch.cat([p.grad, q.grad]).norm()) == pytest.approx(2.0, rel=1e-5)
+    assert float(distill.clip_grads([p, q], 0)) == pytest.approx(2.0, rel=1e-5)  # 0: measured, not clipped
+    assert float(torch.cat([p.grad, q.grad]).norm()) == pytest.approx(2.0, rel=1e-5)
+
+
 def test_ema_update():
     import distill
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
@@ -1502,10 +1513,11 @@ def read_log(out):
 
 
 def test_distill_two_processes_both_phases(i2v_ckpt, latents, tmp_path):
-    """2 ranks, FSDP2 over both and Ulysses sp=2: Phase I then Phase II, a checkpoint, the exported student."""
+    """2 ranks, FSDP2 over both and Ulysses sp=2: Phase I then Phase II, a checkpoint, the exported student; the
+    generator's gradient clipped (its norm is about 5) on sharded gradients."""
     out = str(tmp_path / "run")
     r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=2",
-                     "--phase2_steps=2", "--sp=2", f"--val_data={latents}", "--val_every=1"], nproc=2)
+                     "--phase2_steps=2", "--sp=2", f"--val_data={latents}", "--val_every=1", "--grad_clip=1"], nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = read_log(out)
     assert [x["phase"] for x in log] == [1, 1, 2, 2]
@@ -1513,6 +1525,7 @@ def test_distill_two_processes_both_phases(i2v_ckpt, latents, tmp_path):
     assert all(k in log[-1] for k in ("loss_d", "loss_r1", "loss_g_adv", "loss_csds", "d_real", "d_fake", "gnorm_gen",
                                       "gx_adv", "gx_csds"))
     assert all(0 <= log[-1][f"val_acc@{s}"] <= 1 for s in (0.25, 0.5, 0.75)) and "val_acc@0.5" not in log[1]
+    assert log[-1]["gnorm_gen"] > 1  # so it was clipped
     assert all(k in log[0] for k in ("loss_dmd", "loss_fake", "tokens_per_s", "peak_mem_gib", "step_s"))
     student = WanModel.from_pretrained(os.path.join(out, "student.safetensors"))
     teacher = WanModel.from_pretrained(i2v_ckpt)

@@ -68,7 +68,7 @@ QUICK = dict(train_clips=64, eval_clips=16, noise_seeds=(0, 1), train_seeds=(0,)
 RECIPE = ["--batch_size=8", "--micro_batch=8", "--lr_phase1=1e-5", "--lr_phase2=3e-5", "--lr_fake=1e-4", "--lr_disc=1e-3",
           "--lora_rank=16", "--disc_width=128", f"--shift={SHIFT}", f"--guide_scale={GUIDE}", "--grad_ckpt=false",
           "--csds_guide_scale=7.5", "--csds_guide_until=0.75", "--export_dtype=fp32", "--log_every=20",
-          "--ckpt_every=100000", "--val_every=100"]
+          "--ckpt_every=100000", "--val_every=100", "--grad_clip=0"]  # its tables were measured before --grad_clip
 RUNS = {"full": [], "no_phase1": ["--phase1_steps=0"],
         "no_phase2": ["--phase2_steps=0"],  # Phase I alone: the EMA at the end of the seed's shared Phase I, exported
         "teacher_backbone": ["--disc_backbone=teacher"], "no_semantic": ["--semantic=false"],
