@@ -38,7 +38,9 @@ from torch.distributed.tensor import DTensor
 
 import data as D
 from model import Discriminator, WanModel
+from sample import VAE_FILE, write_video
 from sample import shift_sigma as shift
+from vae import WanVAE
 
 
 @dataclass
@@ -101,6 +103,10 @@ class Config:
     #   moves Adam's moments less]
     export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
     export_lora: int = 0  # RANK > 0: only write OUT/student.safetensors as a LoRA of --teacher (see export_lora)
+    export_from: str = ""  # a checkpoint, OUT/ckpt_N: only write its EMA as OUT/student_N.safetensors (no training)
+    preview_every: int = 0  # steps between previews: one-step samples of the EMA on preview_clips fixed held-out
+    #   conditions and noise, decoded by the teacher's VAE into OUT/previews/<step>_<i>.mp4 (rank 0); 0 = none
+    preview_clips: int = 2  # see preview_every: the first clips of val_data, else of data
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
     tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
     val_data: str = ""  # a precomputed folder of held-out clips: D's real-vs-fake accuracy is logged on them [ours]
@@ -412,6 +418,22 @@ def disc_accuracy(cfg, m, val, neg, device, dp_rank, dp):
     return {f"val_acc@{sig:g}": round(float(h) / cfg.sp / len(val), 4) for sig, h in zip(sigmas, hits.tolist())}
 
 
+@torch.no_grad()
+def preview(cfg, m, clips, neg, device, step, vae, tb):
+    """One-step samples of the EMA on fixed conditions and noise: every rank runs the sharded forward, rank 0 decodes
+    with the teacher's VAE (in tiles, to stay small beside training) and writes OUT/previews/<step>_<i>.mp4."""
+    b = prepare(D.collate(clips), neg, m.ema.cfg.text_len, device)
+    eps = noise_like(b["latent"], [torch.Generator(device).manual_seed(777 + i) for i in range(len(clips))])
+    x0 = eps - run(m.ema, eps, torch.ones(len(clips), device=device), b["cond"])
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.join(cfg.out, "previews"), exist_ok=True)
+        for i, video in enumerate(vae.decode(x0.float(), tile=32)):
+            write_video(video, os.path.join(cfg.out, "previews", f"{step:08d}_{i}.mp4"))
+            if tb:
+                tb.add_video(f"preview_{i}", ((video.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).transpose(0, 1)[None],
+                             step, fps=16)
+
+
 # -----------------------------------------------------------------------------
 # setup: process groups, models, sharding, data
 
@@ -642,19 +664,36 @@ def load_ckpt(path, m, opts, cfg, group):
     return extra
 
 
-def export_student(cfg, m, group):
-    """The EMA generator as one safetensors file with the official key names, plus its config.json."""
+def export_student(cfg, ema, path, group):
+    """The EMA generator as one safetensors file with the official key names, plus the teacher's config.json beside
+    it (sample.py --student reads both)."""
     from safetensors.torch import save_file
-    sd = get_state_dict(m.ema, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    sd = get_state_dict(ema, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
     if dist.get_rank() == 0:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
-        path = os.path.join(cfg.out, "student.safetensors")
-        save_file({k: v.to(dt).contiguous() for k, v in sd.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        shutil.copy(os.path.join(cfg.teacher, "config.json"), os.path.join(cfg.out, "config.json"))
+        D.atomic(path, lambda tmp: save_file({k: v.to(dt).contiguous() for k, v in sd.items()}, tmp))
+        shutil.copy(os.path.join(cfg.teacher, "config.json"), os.path.join(os.path.dirname(path), "config.json"))
         print(f"exported the EMA generator to {path}")
-        prune(cfg.out, 1)  # the newest checkpoint alone can continue the run
     dist.barrier(group)  # while rank 0 writes
+
+
+def export_from(cfg, device, sp_group, group):
+    """--export_from=OUT/ckpt_N: the checkpoint's EMA as OUT/student_N.safetensors, without training. The teacher and
+    the checkpoint's own fields come from its config.json unless given."""
+    path = cfg.export_from.rstrip("/")
+    m = re.fullmatch(r"ckpt_(\d{8})", os.path.basename(path))
+    if not m or not os.path.isfile(os.path.join(path, "state.json")):
+        fail(f"--export_from={cfg.export_from!r} is not a complete checkpoint folder (OUT/ckpt_<8 digits>)")
+    out = os.path.join(os.path.dirname(path), f"student_{m[1]}.safetensors")
+    if os.path.exists(out):
+        fail(f"{out} exists: delete it to export again")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg.teacher = cfg.teacher or json.load(f)["teacher"]
+    ema = sharded_dit(cfg, device, sp_group)[0]
+    state = {"ema": get_state_dict(ema, [])[0]}
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    set_state_dict(ema, [], model_state_dict=state["ema"], optim_state_dict={})
+    export_student(cfg, ema, out, group)
 
 
 @torch.no_grad()
@@ -730,6 +769,8 @@ def main(argv, launch=None):
         return export_lora(cfg)
     device, dp_rank, dp, sp_group, wait_group = setup_dist(cfg, *(launch or launch_env()))
     world, master = dist.get_world_size(), dist.get_rank() == 0
+    if cfg.export_from:
+        return export_from(cfg, device, sp_group, wait_group)
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
         fail(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
     if os.path.exists(os.path.join(cfg.out, "student.safetensors")):
@@ -751,6 +792,7 @@ def main(argv, launch=None):
     if vds and vds.model_type != dataset.model_type:
         fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
     val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []
+    shown = [(vds or dataset)[i] for i in range(min(len(vds or dataset), cfg.preview_clips))]
     if len(dataset) < dp * cfg.micro_batch:
         fail(f"{data_dir} holds {len(dataset)} clips; --batch_size={cfg.batch_size} is accumulated from micro-batches of "
              f"{cfg.micro_batch} on each of {dp} data-parallel ranks, which need at least {dp * cfg.micro_batch}: "
@@ -805,7 +847,7 @@ def main(argv, launch=None):
             tb = SummaryWriter(os.path.join(cfg.out, "tb"))
         except ImportError:
             print("--tensorboard=true but tensorboard is not installed (pip install tensorboard): logging to log.jsonl only")
-    total, sums, n_log, start = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step
+    total, sums, n_log, start, vae = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step, None
 
     def opt_step(name, params):
         """Average the accumulated grads, clip their global norm; step unless it is not finite."""
@@ -882,6 +924,9 @@ def main(argv, launch=None):
                 for k, v in rec.items() if tb else ():
                     tb.add_scalar(k, v, step)
             sums, n_log = {}, 0
+        if cfg.preview_every and (step % cfg.preview_every == 0 or step == total):
+            vae = vae or (WanVAE.from_pretrained(os.path.join(cfg.teacher, VAE_FILE), device=device) if master else None)
+            preview(cfg, m, shown, dataset.neg_context, device, step, vae, tb)
         if step % cfg.ckpt_every == 0 or step == total or flag.item():
             save_ckpt(cfg, m, opts, step, wait_group, {"step": step, "bad": bad, "model": dataclasses.asdict(m.gen.cfg)})
         if flag.item():
@@ -890,7 +935,9 @@ def main(argv, launch=None):
                                                      if bad >= cfg.max_bad_steps else "checkpoint saved; rerun to resume"))
             dist.destroy_process_group()
             sys.exit(1 if bad >= cfg.max_bad_steps else 0)
-    export_student(cfg, m, wait_group)
+    export_student(cfg, m.ema, os.path.join(cfg.out, "student.safetensors"), wait_group)
+    if master:
+        prune(cfg.out, 1)  # the newest checkpoint alone can continue the run
     for f in (log, tb):  # closed here: under torchrun the process ends with os._exit (D.end_rank)
         if f is not None:
             f.close()

@@ -1707,6 +1707,30 @@ def test_distill_signal_saves_then_exits_and_the_log_has_no_repeats(sig, i2v_ckp
     assert r.returncode == 0 and steps == sorted(set(steps)) and steps[-1] == int(ckpts[0][5:]) + 2, steps
 
 
+def test_distill_previews_and_export_from_a_checkpoint(i2v_ckpt, latents, tmp_path):
+    """--preview_every writes the EMA's one-step clips of fixed conditions (2 gloo ranks, sharded); --export_from turns
+    a checkpoint into a student without training, the same file from 1 process and from 2."""
+    out = tmp_path / "run"
+    r = run_distill([f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={out}", "--phase1_steps=1",
+                     "--phase2_steps=1", "--preview_every=1", "--stop_after=1"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(os.listdir(out / "previews")) == ["00000001_0.mp4", "00000001_1.mp4"]
+    v = read_mp4(out / "previews" / "00000001_0.mp4")
+    assert v.shape == (9, 32, 32, 3) and v.std() > 0
+    student = out / "student_00000001.safetensors"
+    files = []
+    for n in (1, 2):
+        r = run_distill([f"--export_from={out / 'ckpt_00000001'}"], nproc=n)
+        assert r.returncode == 0 and "exported the EMA generator" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+        files.append(student.read_bytes())
+        r = run_distill([f"--export_from={out / 'ckpt_00000001'}"]) if n == 1 else r
+        assert n == 2 or (r.returncode != 0 and "exists: delete it to export again" in r.stdout + r.stderr)
+        student.unlink()
+    assert files[0] == files[1]
+    r = run_distill([f"--export_from={out}"])
+    assert r.returncode != 0 and "is not a complete checkpoint folder" in r.stdout + r.stderr
+
+
 def test_distill_resume_on_other_world_sizes_and_sp(i2v_ckpt, latents, tmp_path):
     """A 2-rank run stopped and resumed on 4 ranks, then on 1, and another resumed from 2 ranks at sp 1 onto 2 ranks
     at sp 2, against the uninterrupted 2-rank run. The data order and every clip's noise are the same whatever the
