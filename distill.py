@@ -87,6 +87,8 @@ class Config:
     r1_sigma_t: float = 0.1  # STR1 temporal perturbation [paper]
     ema: float = 0.995  # EMA decay [paper]
     sp: int = 1  # Ulysses sequence-parallel degree (divides world size and num_heads)
+    shard_ranks: int = 0  # HSDP: shard each model within groups of this many consecutive ranks (a node's GPUs) and
+    #   replicate across the groups, so a block's all-gather stays in a node; 0 = shard over every rank
     timeout_min: float = 30.0  # a collective of the training steps that waits this long means a rank is stuck:
     #   the run stops (NCCL's watchdog). Ranks waiting for one rank's long work (precomputing latents, writing a
     #   checkpoint or the student) wait on a separate gloo group, up to wait_hours
@@ -457,8 +459,8 @@ def setup_dist(cfg, rank, world, local_rank, init_method):
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(minutes=cfg.timeout_min))
     wait_group = dist.new_group(backend="gloo", timeout=timedelta(hours=cfg.wait_hours))
-    if world % cfg.sp:
-        fail(f"--sp={cfg.sp} must divide the world size {world}")
+    if world % cfg.sp or world % (cfg.shard_ranks or world):
+        fail(f"--sp={cfg.sp} and --shard_ranks={cfg.shard_ranks} must divide the world size {world}")
     groups = [dist.new_group(list(range(i * cfg.sp, (i + 1) * cfg.sp))) for i in range(world // cfg.sp)]
     sp_group = groups[rank // cfg.sp] if cfg.sp > 1 else None
     return torch.device("cuda" if cuda else "cpu"), rank // cfg.sp, world // cfg.sp, sp_group, wait_group
@@ -468,12 +470,24 @@ def compute_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
 
-def shard(model, device, dtype):
-    """FSDP2 over every rank: one unit per DiT block (as official), the rest in the root unit; compute in dtype, grads
-    reduced in fp32. One CPU process in fp32 is left unsharded: FSDP would only add overhead (about 1.5x) there."""
-    if dist.get_world_size() == 1 and device.type == "cpu" and dtype == torch.float32:
+def fsdp_mesh(cfg, device):
+    """The device mesh FSDP2 shards over: every rank, or with shard_ranks n below the world size, HSDP's 2-D mesh of
+    world / n replicas of n consecutive ranks (each model sharded within a replica: within a node, for n = its GPUs).
+    None for one CPU process in fp32, which stays unsharded: FSDP would only add overhead there (about 1.5x)."""
+    world = dist.get_world_size()
+    n = cfg.shard_ranks or world
+    if world == 1 and device.type == "cpu" and compute_dtype(cfg, device) == torch.float32:
+        return None
+    if n == world:
+        return torch.distributed.device_mesh.init_device_mesh(device.type, (world,))
+    return torch.distributed.device_mesh.init_device_mesh(device.type, (world // n, n), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model, mesh, dtype):
+    """FSDP2 over the mesh: one unit per DiT block (as official), the rest in the root unit; compute in dtype, grads
+    reduced in fp32. No mesh: the model as it is."""
+    if mesh is None:
         return model
-    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
     # the model casts its own inputs (the residual stream stays fp32), so FSDP must not
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in getattr(model, "blocks", []):
@@ -488,14 +502,14 @@ def fill(model, state, dtype=None):
     cast to dtype. With memory-mapped views in state, a rank reads only its own rows and moves only them to its device."""
     for name, p in model.named_parameters():
         full = state[name]
-        if isinstance(p, DTensor):
-            rows = full.chunk(p.device_mesh.size())
-            r = p.device_mesh.get_local_rank()
+        if isinstance(p, DTensor):  # the mesh dim it is sharded over (HSDP replicates over the other)
+            d = next(i for i, pl in enumerate(p.placements) if pl.is_shard())
+            rows, r = full.chunk(p.device_mesh.size(d)), p.device_mesh.get_local_rank(d)
             full, p = rows[r] if r < len(rows) else full[:0], p.to_local()
         p.copy_(full.to(dtype or p.dtype))
 
 
-def sharded_dit(cfg, device, sp_group, dtype=torch.float32, lora_rank=0):
+def sharded_dit(cfg, device, sp_group, mesh, dtype=torch.float32, lora_rank=0):
     """--teacher's DiT sharded over every rank without a full copy on any: built on the meta device, sharded, then
     each rank fills its own shards from the memory-mapped file (checked against the official layout), stored in
     dtype. lora_rank: with the fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank.
@@ -510,7 +524,7 @@ def sharded_dit(cfg, device, sp_group, dtype=torch.float32, lora_rank=0):
         torch.set_default_dtype(torch.float32)
     init = lora_init(model)
     model.grad_ckpt, model.sp_group = cfg.grad_ckpt, sp_group
-    shard(model, device, compute_dtype(cfg, device))
+    shard(model, mesh, compute_dtype(cfg, device))
     model.to_empty(device=device)
     fill(model, dict(src.named_parameters()) | init)
     return model, lora
@@ -528,13 +542,14 @@ class Models:
     are under 1% of D's FLOPs, and STR1's finite difference D(x + delta) - D(x) is below bf16's resolution)."""
 
     def __init__(self, cfg, device, sp_group):
-        self.gen = sharded_dit(cfg, device, sp_group)[0].requires_grad_(True).train()
-        self.ema = sharded_dit(cfg, device, sp_group)[0]
-        self.teacher, self.lora = sharded_dit(cfg, device, sp_group, compute_dtype(cfg, device), cfg.lora_rank)
+        mesh = fsdp_mesh(cfg, device)
+        self.gen = sharded_dit(cfg, device, sp_group, mesh)[0].requires_grad_(True).train()
+        self.ema = sharded_dit(cfg, device, sp_group, mesh)[0]
+        self.teacher, self.lora = sharded_dit(cfg, device, sp_group, mesh, compute_dtype(cfg, device), cfg.lora_rank)
         taps = tap_blocks(self.gen.cfg.num_layers, cfg.disc_taps)
         self.disc = Discriminator(self.gen.cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
-        shard(self.disc, device, torch.float32)
-        self.live = sharded_dit(cfg, device, sp_group)[0] if cfg.disc_backbone == "live" else None  # G's copy, synced every step
+        shard(self.disc, mesh, torch.float32)
+        self.live = sharded_dit(cfg, device, sp_group, mesh)[0] if cfg.disc_backbone == "live" else None  # synced to G
         self.backbone = {"ema": self.ema, "live": self.live, "teacher": self.teacher}[cfg.disc_backbone]
 
 
@@ -689,7 +704,7 @@ def export_from(cfg, device, sp_group, group):
         fail(f"{out} exists: delete it to export again")
     with open(os.path.join(path, "config.json")) as f:
         cfg.teacher = cfg.teacher or json.load(f)["teacher"]
-    ema = sharded_dit(cfg, device, sp_group)[0]
+    ema = sharded_dit(cfg, device, sp_group, fsdp_mesh(cfg, device))[0]
     state = {"ema": get_state_dict(ema, [])[0]}
     dcp.load(state, checkpoint_id=path, process_group=group)
     set_state_dict(ema, [], model_state_dict=state["ema"], optim_state_dict={})
