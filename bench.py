@@ -650,7 +650,8 @@ def startup(a):
 # -----------------------------------------------------------------------------
 # memory: PyTorch's FSDPMemTracker on fake tensors, through distill.py's own Models, shard and step functions
 
-CASES = [("i2v-14B", "832*480", 81, 8, 8), ("i2v-14B", "1280*720", 81, 8, 8), ("t2v-1.3B", "832*480", 81, 1, 1)]
+CASES = [("i2v-14B", "832*480", 81, 8, 8, 0), ("i2v-14B", "1280*720", 81, 8, 8, 0), ("t2v-1.3B", "832*480", 81, 1, 1, 0),
+         ("i2v-14B", "832*480", 81, 64, 8, 8)]  # (preset, size, frames, world, sp, shard_ranks: HSDP 8 nodes x 8)
 CATEGORIES = ["Sharded Param", "Sharded Grad", "OptState", "Unsharded Param", "Unsharded Grad", "All Gather",
               "Reduce Scatter", "Activation", "Temp", "Inputs", "Buffer"]
 SHARDED = ("Sharded Param", "Sharded Grad", "OptState")  # what FSDP divides by the world size
@@ -745,10 +746,11 @@ def memory_child(a):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     import distill
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=a.world)
-    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (a.world,))  # outside FakeTensorMode
     sp_group = dist.new_group(list(range(a.sp))) if a.sp > 1 else None
     # --device cuda stands for a GPU's bf16 compute (and bf16 teacher); the mesh, and so every tensor, stays on (fake) CPU
-    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width, param_dtype="bf16" if a.device == "cuda" else "fp32")
+    cfg = distill.Config(sp=a.sp, disc_width=a.disc_width, param_dtype="bf16" if a.device == "cuda" else "fp32",
+                         shard_ranks=a.shard_ranks)
+    mesh = distill.fsdp_mesh(cfg, torch.device("cpu"))  # outside FakeTensorMode
     with FakeTensorMode():
         m, opts, batch, steps = distill_steps(_model_cfg(a), cfg, torch.device("cpu"), mesh, sp_group, a.frames, a.size)
         for name, fn in steps.items():
@@ -775,9 +777,10 @@ def _child_json(cmd):
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def _case_args(preset, size, frames, world, sp, device, a):
+def _case_args(preset, size, frames, world, sp, shard_ranks, device, a):
     return [sys.executable, __file__, "memory", "--child", f"--preset={preset}", f"--size={size}", f"--frames={frames}",
-            f"--world={world}", f"--sp={sp}", f"--device={device}", f"--disc_width={a.disc_width}"] + \
+            f"--world={world}", f"--sp={sp}", f"--shard_ranks={shard_ranks}", f"--device={device}",
+            f"--disc_width={a.disc_width}"] + \
         [f"--{k}={getattr(a, k)}" for k in ("dim", "ffn", "heads", "layers")]
 
 
@@ -817,7 +820,7 @@ def memory_validate(a):
     """Tracker on fake tensors against a measured 2-rank gloo run of the same small config (fp32 on CPU)."""
     size, frames = "256*256", 9
     a = argparse.Namespace(**{**vars(a), "preset": "custom", "dim": 768, "ffn": 3072, "heads": 6, "layers": 4})
-    pred = _child_json(_case_args("custom", size, frames, 2, 2, "cpu", a))
+    pred = _child_json(_case_args("custom", size, frames, 2, 2, 0, "cpu", a))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")  # large frees go back to the OS
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", __file__, "memory",
            "--measure", "--preset=custom", f"--size={size}", f"--frames={frames}", "--sp=2", f"--disc_width={a.disc_width}"
@@ -850,18 +853,20 @@ def memory(a):
           "alone, without the CUDA context, NCCL buffers or allocator fragmentation; FLOPs from "
           "torch.utils.flop_counter.FlopCounterMode in a second pass of each step")
     t0 = time.perf_counter()
-    cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp)]
+    cases = CASES if a.preset is None else [(a.preset, a.size, a.frames, a.world, a.sp, a.shard_ranks)]
     procs = [subprocess.Popen(_case_args(*c, "cuda", a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cases]  # the cases run side by side, one process each
     memory_validate(a)
-    for (preset, size, frames, world, sp), p in zip(cases, procs):
+    for (preset, size, frames, world, sp, shard_ranks), p in zip(cases, procs):
         out, err = p.communicate()
         if p.returncode:
             raise SystemExit(f"the {preset} {size} case failed:\n{err[-3000:]}")
         rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         W, H = map(int, size.split("*"))
         tokens = ((frames - 1) // 4 + 1) * (H // 16) * (W // 16)
-        print(f"{preset}, {frames} frames at {size} ({tokens} tokens), world {world}, sp {sp}, bf16 compute, fp32 master "
+        print(f"{preset}, {frames} frames at {size} ({tokens} tokens), world {world}, sp {sp}" +
+              (f", HSDP: sharded within {shard_ranks} ranks, {world // shard_ranks} replicas" if shard_ranks else "") +
+              ", bf16 compute, fp32 master "
               f"weights and reduce, micro-batch 1, the default Config ({time.perf_counter() - t0:.0f} s so far); per GPU:")
         steps = [r for r in rows if "peak" in r]
         cats = [c for c in CATEGORIES if any(r["peak"].get(c) for r in steps)]
@@ -869,7 +874,7 @@ def memory(a):
         for r in steps:
             print(f"  {r['step']:37s} {r['peak']['Total'] / 2**30:6.1f} " +
                   " ".join(f"{r['peak'].get(c, 0) / 2**30:15.2f}" for c in cats))
-        for gb in (80, 141):  # on N GPUs the sharded states are world/N of these; the rest stays (sp fixed)
+        for gb in (80, 141) if not shard_ranks else ():  # on N GPUs the sharded states are world/N of these
             need = lambda n: max(sum(v for c, v in r["peak"].items() if c in SHARDED) * world / n +  # noqa: E731
                                  sum(v for c, v in r["peak"].items() if c not in SHARDED + ("Total",)) for r in steps)
             n = next((n for n in range(sp, 1025, sp) if need(n) <= gb * 1e9), None)
@@ -962,6 +967,7 @@ if __name__ == "__main__":
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=None, help="memory: default 8; startup: default 2")
     p.add_argument("--sp", type=int, default=8)
+    p.add_argument("--shard_ranks", type=int, default=0, help="memory: HSDP, sharded within this many ranks")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading; startup: "
                    "distill's --param_dtype (default fp32)")
     p.add_argument("--tiny", action="store_true", help="kernels, gpu: tiny sizes on CPU under the Triton interpreter")

@@ -98,6 +98,8 @@ class Config:
     #   and the EMA stay fp32, the frozen teacher is kept in this dtype
     log_every: int = 10  # steps between lines of OUT/log.jsonl
     ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM)
+    async_ckpt: bool = True  # write checkpoints while training goes on (dcp.async_save): the state is first copied
+    #   to CPU memory, a sharded checkpoint's share per rank (34 GB per GPU at I2V-14B on 8)
     keep_ckpts: int = 3  # the newest k complete checkpoints are kept
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
     grad_clip: float = 10.0  # clip the global gradient norm of the generator, the fake score and the heads to this; 0 =
@@ -621,19 +623,28 @@ def train_state(m, opts):
 
 
 def save_ckpt(cfg, m, opts, step, group, extra):
-    """DCP's own coordination and the waits for rank 0's rename and pruning run on the gloo wait group."""
+    """Start writing OUT/ckpt_<step>: with async_ckpt, dcp.async_save copies the state to CPU memory, then a thread
+    writes it while training goes on. Returns finish(), which waits for the write and then renames the checkpoint
+    into place (resume only ever sees complete ones) and prunes. DCP's coordination and these waits run on the gloo
+    wait group."""
     rank, final = dist.get_rank(), os.path.join(cfg.out, f"ckpt_{step:08d}")
     tmp = final + ".tmp"
-    dcp.save(train_state(m, opts), checkpoint_id=tmp, process_group=group)
-    if rank == 0:  # the step, the count of skipped steps and the model's shape: the rest follows from the step
-        for name, obj in (("state.json", extra), ("config.json", dataclasses.asdict(cfg))):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1)
-    dist.barrier(group)
-    if rank == 0:
-        os.replace(tmp, final)  # atomic: resume only ever sees complete checkpoints
-        prune(cfg.out, cfg.keep_ckpts)
-    dist.barrier(group)
+    save = dcp.async_save if cfg.async_ckpt else dcp.save
+    written = save(train_state(m, opts), checkpoint_id=tmp, process_group=group)
+
+    def finish():
+        if cfg.async_ckpt:
+            written.result()
+        if rank == 0:  # the step, the count of skipped steps and the model's shape: the rest follows from the step
+            for name, obj in (("state.json", extra), ("config.json", dataclasses.asdict(cfg))):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=1)
+        dist.barrier(group)
+        if rank == 0:
+            os.replace(tmp, final)
+            prune(cfg.out, cfg.keep_ckpts)
+        dist.barrier(group)
+    return finish
 
 
 # Fields a resumed run must share with its checkpoint: the data and noise follow from them, or the saved state's
@@ -862,7 +873,7 @@ def main(argv, launch=None):
             tb = SummaryWriter(os.path.join(cfg.out, "tb"))
         except ImportError:
             print("--tensorboard=true but tensorboard is not installed (pip install tensorboard): logging to log.jsonl only")
-    total, sums, n_log, start, vae = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step, None
+    total, sums, n_log, start, vae, writing = cfg.phase1_steps + cfg.phase2_steps, {}, 0, step, None, None
 
     def opt_step(name, params):
         """Average the accumulated grads, clip their global norm; step unless it is not finite."""
@@ -943,7 +954,12 @@ def main(argv, launch=None):
             vae = vae or (WanVAE.from_pretrained(os.path.join(cfg.teacher, VAE_FILE), device=device) if master else None)
             preview(cfg, m, shown, dataset.neg_context, device, step, vae, tb)
         if step % cfg.ckpt_every == 0 or step == total or flag.item():
-            save_ckpt(cfg, m, opts, step, wait_group, {"step": step, "bad": bad, "model": dataclasses.asdict(m.gen.cfg)})
+            if writing:
+                writing()  # the previous checkpoint's write
+            writing = save_ckpt(cfg, m, opts, step, wait_group, {"step": step, "bad": bad,
+                                                                    "model": dataclasses.asdict(m.gen.cfg)})
+            if flag.item() or step == total:
+                writing = writing()
         if flag.item():
             if master:
                 print(f"stopped at step {step}: " + ("too many non-finite losses; lower the lr or check the data"

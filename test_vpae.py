@@ -1550,6 +1550,22 @@ def test_distill_resume_equals_uninterrupted(i2v_ckpt, latents, tmp_path):
         assert fa.read() == fb.read()
 
 
+def test_distill_resumes_from_a_checkpoint_written_while_training(i2v_ckpt, latents, tmp_path):
+    """Checkpoints written by dcp.async_save while the next steps run (every step here, 2 gloo ranks): one from the
+    middle of the run, copied into a new --out, resumes to the same student, bit for bit."""
+    import shutil
+    args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=2", "--phase2_steps=2", "--ckpt_every=1",
+            "--keep_ckpts=10"]
+    r = run_distill(args + [f"--out={tmp_path / 'a'}"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [d for d in sorted(os.listdir(tmp_path / "a")) if d.startswith("ckpt_")] == ["ckpt_00000004"]  # pruned
+    assert run_distill(args + [f"--out={tmp_path / 'c'}", "--stop_after=3"], nproc=2).returncode == 0
+    shutil.copytree(tmp_path / "c" / "ckpt_00000002", tmp_path / "d" / "ckpt_00000002")  # written during step 3
+    r = run_distill(args + [f"--out={tmp_path / 'd'}"], nproc=2)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "a" / "student.safetensors").read_bytes() == (tmp_path / "d" / "student.safetensors").read_bytes()
+
+
 def test_distill_phase1_checkpoint_starts_other_heads(i2v_ckpt, latents, tmp_path):
     """A checkpoint from before Phase II carries no trained heads: a run with other heads resumes from it."""
     args = [f"--teacher={i2v_ckpt}", f"--data={latents}", f"--out={tmp_path}", "--phase1_steps=1", "--phase2_steps=1"]
