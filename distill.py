@@ -3,13 +3,14 @@
   torchrun --nproc_per_node=8 distill.py --teacher=Wan2.1-I2V-14B-480P --data=latents/ --out=run/ --sp=8
   python distill.py --teacher=... --data=... --out=...            # one process works too
   python distill.py --export_lora=64 --teacher=... --out=run/     # run/student.safetensors as a rank-64 LoRA
+  python distill.py --export_from=run/ckpt_00000500                # that checkpoint's EMA as run/student_00000500.safetensors
 
 Phase I (stability priming): a DMD gradient pulls the one-step output towards the CFG teacher, against a
 LoRA "fake" score that tracks the generator. Phase II (unified adversarial equilibrium): a hinge GAN whose
 discriminator is a few heads reading the hidden states of a frozen backbone that is the generator's own EMA,
-plus a conditional score-distillation term (C-SDS) to the CFG teacher. FSDP2 shards every model over all ranks,
-Ulysses sequence parallelism splits the tokens of one clip over `sp` ranks, and torch.distributed.checkpoint
-writes resumable checkpoints. Every choice the paper leaves open is a field below: [paper] marks the paper's
+plus a conditional score-distillation term (C-SDS) to the CFG teacher. FSDP2 shards every model over all ranks
+(or HSDP within groups of them), Ulysses sequence parallelism splits the tokens of one clip over `sp` ranks, and
+torch.distributed.checkpoint writes checkpoints that resume on any number of ranks. Every choice the paper leaves open is a field below: [paper] marks the paper's
 values, [choice] the closest prior work's (APT, DMD2, ADD/LADD), [ours] this project's.
 """
 import dataclasses
