@@ -1768,12 +1768,13 @@ def test_distill_hsdp_equals_fsdp(i2v_ckpt, latents, tmp_path):
 def test_distill_resume_on_other_world_sizes_and_sp(i2v_ckpt, latents, tmp_path):
     """A 2-rank run stopped and resumed on 4 ranks, then on 1, and another resumed from 2 ranks at sp 1 onto 2 ranks
     at sp 2, against the uninterrupted 2-rank run. The data order and every clip's noise are the same whatever the
-    topology, so every logged figure is equal to its 6 decimals (measured) but one: the sums over ranks and
+    topology, so every logged figure (D's held-out accuracy included, its clips split over the data-parallel groups)
+    is equal to its 6 decimals (measured) but one: the sums over ranks and
     micro-batches come in another order, and the heads' Adam (beta1 0) turns a gradient element's rounding into a
     step of up to lr_disc at the first steps, so D's outputs after a resume on 1 rank move by 1e-5 (measured 1.1e-5 in
     loss_g_adv); the students differ by 7e-9 (measured). Fields that must not change are refused; others printed."""
     base = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=2", "--phase2_steps=2", "--batch_size=4",
-            "--keep_ckpts=1"]
+            "--keep_ckpts=1", f"--val_data={latents}", "--val_clips=3", "--val_every=1"]  # 3: a spare forward on 2 or 4
     run = lambda out, n, *extra: run_distill(base + [f"--out={tmp_path / out}", *extra], nproc=n)  # noqa: E731
     assert run("a", 2).returncode == 0
     for n, extra in ((2, ["--stop_after=1"]), (4, ["--stop_after=1"]), (1, [])):
@@ -1786,6 +1787,7 @@ def test_distill_resume_on_other_world_sizes_and_sp(i2v_ckpt, latents, tmp_path)
     a, b, c = (read_log(tmp_path / x) for x in "abc")
     assert [x["step"] for x in b] == [x["step"] for x in c] == [1, 2, 3, 4]
     keys = [k for k in a[0] if k.startswith(("loss", "gnorm"))] + [k for k in a[-1] if k.startswith(("loss", "d_"))]
+    keys += [k for k in a[-1] if k.startswith("val_acc")]  # split over 2, 4, 1 and 1 data-parallel groups
     for run_log in (b, c):
         for x, y in zip(a, run_log):
             for k in keys:
