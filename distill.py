@@ -166,6 +166,12 @@ def parse_args(argv):
         fail(f"--param_dtype={cfg.param_dtype!r}: use bf16 or fp32 (or leave it out: bf16 on GPU, fp32 on CPU)")
     if cfg.disc_backbone not in ("ema", "live", "teacher"):
         fail(f"--disc_backbone={cfg.disc_backbone!r}: use ema, live or teacher")
+    for name in ("grad_clip", "shard_ranks", "preview_every"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name}={getattr(cfg, name)}: use a value >= 0 (0 = off)")
+    if cfg.timeout_min <= 0 or cfg.wait_hours <= 0 or cfg.preview_clips < 1:
+        fail(f"--timeout_min={cfg.timeout_min} --wait_hours={cfg.wait_hours} --preview_clips={cfg.preview_clips}: "
+             "use positive values")
     if not 0 <= cfg.csds_guide_until <= 1 or cfg.csds_guide_scale < 0:
         fail(f"--csds_guide_until={cfg.csds_guide_until} --csds_guide_scale={cfg.csds_guide_scale}: use a sigma in "
              "[0, 1] and a w >= 0 (0 = off)")

@@ -2487,6 +2487,8 @@ def test_distill_help_lists_every_field_and_takes_field_value(capsys):
     assert (cfg.phase1_steps, cfg.beta1, cfg.semantic) == (7, -0.5, False)
     with pytest.raises(SystemExit, match="distill.py --help lists them"):
         distill.parse_args(["--phase1_step=3"])
+    with pytest.raises(SystemExit, match="--grad_clip=-1.0: use a value >= 0"):
+        distill.parse_args(["--grad_clip=-1"])
     with pytest.raises(SystemExit, match="--csds_guide_until=1.5 .*: use a sigma in"):
         distill.parse_args(["--csds_guide_scale=7.5", "--csds_guide_until=1.5"])
     assert M.Discriminator(128, [0]).heads[0].queries.shape[-1] == 128  # disc_width 0: the backbone's dim, <= 1024
