@@ -18,7 +18,7 @@
   python bench.py gpu [--part kernels|models] [--out gpu_summary.json] [--tiny]
       The GPU acceptance run in two parts of at most 6 minutes each (no --part: both, one after the other), merged
       into one JSON summary rewritten after every section; a section that fails records its error, the rest runs.
-      kernels: as above, then the faster path per op on this GPU written to kernels/measured.json (what
+      kernels: as above, then the faster path per op on this GPU written to vpae_kernels/measured.json (what
       VPAE_KERNELS=auto reads). models: one DiT forward at 14B width, 480p x 81 frames; a 4-block 14B-width DiT
       forward + backward with its memory beside MemTracker's prediction; a few distill.py steps on a tiny checkpoint
       (world 1); a one-step sample.py on the bundled demo at 832x480 x 81 frames with stage times.
@@ -75,7 +75,7 @@ def _ms(t):  # a timer result as text: median [min-max] xn
 
 
 def _kernels():
-    import kernels
+    import vpae_kernels as kernels
     return kernels._attention, kernels._norm, kernels._qk_norm_rope
 
 
@@ -199,7 +199,7 @@ def bench_fused(dev, tiny):
 def kernel_choice(res, path):
     """Per op, the path `auto` is to take on this chip, from this run's timings: Triton where its fwd + bwd time,
     summed over the shapes, is at most the PyTorch path's (and it ran them all), else torch. Merged into the per-chip
-    table at path (kernels/measured.json on a GPU), written atomically; speedup = torch time / Triton time."""
+    table at path (vpae_kernels/measured.json on a GPU), written atomically; speedup = torch time / Triton time."""
     got = lambda k: res[k] if isinstance(res.get(k), list) else []  # a failed section: no rows, so torch  # noqa: E731
     rows = [dict(r, op="attention", ms=r["fwd"]["ms"] + r["bwd"]["ms"]) if "fwd" in r else dict(r, op="attention")
             for r in got("attention_speed")] + got("fused_ops")
@@ -218,7 +218,7 @@ def kernel_choice(res, path):
             table = json.load(f)
     table[chip] = table.get(chip, {}) | choice
     write_json(path, table)
-    import kernels
+    import vpae_kernels as kernels
     kernels._table = None  # read again at the next op: a later section of this run takes the new winners
     print(f"kernel choice for {chip} (in {path}): {choice}")
     return choice
@@ -277,7 +277,7 @@ def fake_flops(run):
     """FLOPs of run() counted on fake tensors (no memory, no time), through the PyTorch path of the kernels: the
     Triton kernels do the same matmuls, and FlopCounterMode cannot see inside them."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    import kernels
+    import vpae_kernels as kernels
     mode, kernels.MODE = kernels.MODE, "torch"
     try:
         with FakeTensorMode(), flop_counter() as fc:
@@ -454,7 +454,7 @@ def dit_memory(dev, tiny):
     from dataclasses import replace
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    import kernels
+    import vpae_kernels as kernels
     from model import PRESETS, WanConfig
     cfg = WanConfig("i2v", in_dim=36, dim=64, ffn_dim=128, num_heads=4, num_layers=2) if tiny else \
         replace(PRESETS["i2v-14B"], num_layers=4)
@@ -574,7 +574,7 @@ def gpu(a):
     dev = "cuda" if CUDA else "cpu"
     if dev == "cpu" and not a.tiny:
         raise SystemExit("bench.py gpu needs a CUDA GPU; --tiny runs it on CPU under the Triton interpreter")
-    import kernels
+    import vpae_kernels as kernels
     root = tempfile.mkdtemp(prefix="vpae-gpu-")
     dt = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is broken
     table = kernels.MEASURED if CUDA else os.path.join(root, "measured.json")  # --tiny on CPU: a throwaway table

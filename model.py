@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import vpae_kernels as kernels
 
 # -----------------------------------------------------------------------------
 # helpers

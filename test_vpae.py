@@ -1943,7 +1943,7 @@ def test_demo_sample_out_of_the_box(tmp_path):
 
 
 # =============================================================================
-# kernels/: every Triton op against its _ref, on CPU under the interpreter (in a fresh process, see
+# vpae_kernels/: every Triton op against its _ref, on CPU under the interpreter (in a fresh process, see
 # test_triton_interpreter_run) or compiled on a GPU; bf16 attention only on a GPU (the interpreter's bf16 dot is broken)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1954,7 +1954,7 @@ def _triton_matches_device():
     pytest.importorskip("triton")
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
-    import kernels
+    import vpae_kernels as kernels
     if not kernels.HAVE_TRITON:
         return False
     interpreted = isinstance(tl.zeros, InterpretedFunction)
@@ -1964,7 +1964,7 @@ def _triton_matches_device():
 @pytest.fixture
 def K(monkeypatch):
     """The kernels package with the Triton path forced (`MODE` is put back after the test)."""
-    import kernels
+    import vpae_kernels as kernels
     if not _triton_matches_device():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; test_in_fresh_process runs these")
     monkeypatch.setattr(kernels, "MODE", "triton")
@@ -2123,10 +2123,29 @@ def test_kernel_errors_say_what_is_wrong(K):
         K.ln_modulate(q.flatten(2), q[:, :2].flatten(2), q[:, :1].flatten(2), 1e-6)
 
 
+def test_no_top_level_name_shadows_a_known_package():
+    """The repo folder is on sys.path when people run its scripts: a top-level `kernels` (the design card's name) hid
+    Hugging Face's `kernels` package, which transformers >= 5 imports, so diffusers failed beside vpae."""
+    names = {os.path.splitext(f)[0] for f in os.listdir(HERE) if f.endswith(".py") or os.path.isdir(os.path.join(HERE, f))}
+    assert not names & {"kernels", "diffusers", "transformers", "accelerate", "safetensors", "tokenizers", "triton",
+                        "einops", "imageio", "torch", "numpy", "huggingface_hub"}
+
+
+@pytest.mark.parametrize("first", ["vpae", "diffusers"])
+def test_vpae_and_diffusers_in_one_process(first):
+    """`from model import WanModel` and `from diffusers import WanTransformer3DModel` in either order, in the repo
+    folder (run where diffusers is installed)."""
+    pytest.importorskip("diffusers")
+    lines = ["from model import WanModel", "from diffusers import WanTransformer3DModel"]
+    code = "\n".join(lines if first == "vpae" else lines[::-1])
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_kernel_without_triton():
     # a machine without Triton still imports kernels and runs the references; forcing Triton says why it cannot
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, kernels\n"
+            "import torch, vpae_kernels as kernels\n"
             "assert not kernels.HAVE_TRITON\n"
             "q = torch.randn(1, 3, 2, 8); kernels.attention(q, q, q)\n"
             "kernels.MODE = 'triton'\n"
@@ -2624,7 +2643,7 @@ def test_kernels_compile_for_sm90a_and_sm80_without_spills():
     cubin with the wheel's ptxas, spills no register, fits shared memory, and the attention dots use wgmma on sm_90a."""
     triton = pytest.importorskip("triton")
     import bench
-    import kernels
+    import vpae_kernels as kernels
     if kernels._attention.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 collapses the autotune configs")
     try:
@@ -2707,7 +2726,7 @@ def test_kernel_auto_takes_the_measured_winner(tmp_path, monkeypatch):
     chips' rows; a chip the table does not name, or no table, gets the PyTorch path."""
     pytest.importorskip("triton")
     import bench
-    import kernels
+    import vpae_kernels as kernels
     table = tmp_path / "measured.json"
     table.write_text(json.dumps({"NVIDIA A100-SXM4-80GB": {"attention": {"use": "triton", "speedup": 1.2}}}))
     monkeypatch.setattr(bench, "CUDA", True)
@@ -2759,7 +2778,7 @@ def test_kernel_autotune_keys_and_configs_per_arch(monkeypatch):
     own arch's list, which bench.py compile builds, and Hopper's adds the 8-warp 128-row forward tiles."""
     triton = pytest.importorskip("triton")
     import bench
-    import kernels
+    import vpae_kernels as kernels
     A = kernels._attention
     if not kernels.HAVE_TRITON:
         pytest.skip("no triton")
