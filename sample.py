@@ -375,7 +375,7 @@ def prepare(args):
         log(f"using the bundled demo model {DEFAULT_CKPT} (tiny, moving shapes only); "
             "for real videos pass --ckpt_dir with the official Wan2.1 weights")
     cfg, demo = load_config(args.ckpt_dir), demo_config(args.ckpt_dir)
-    if demo.get("student") and args.student is None and not args.teacher:
+    if demo.get("student") and args.student is None and not args.teacher and not args.lora:  # a LoRA: onto the teacher
         args.student = os.path.join(args.ckpt_dir, demo["student"])
     for k, official in (("prompt", ""), ("frames", 81), ("size", "832*480"), ("shift", None), ("guide_scale", 5.0)):
         if getattr(args, k) is None:
@@ -412,12 +412,15 @@ def prepare(args):
     if args.out is None:
         stem = os.path.splitext(os.path.basename(args.image or ""))[0] + "_" + args.prompt[:48]
         stem = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_") or "video"
-        args.out = f"{stem}_{'teacher' if args.teacher else 'student'}{args.steps}_seed{args.seed}.mp4"
+        lora = "".join("_" + os.path.splitext(os.path.basename(parse_lora(a)[0]))[0] for a in args.lora or [])
+        args.out = f"{stem}_{'teacher' if args.teacher else 'student'}{args.steps}{lora}_seed{args.seed}.mp4"
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: the video is written as .mp4, so name it so")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} already exists: pass --overwrite or another --out")
     loras = [parse_lora(a) for a in args.lora or []]
+    log("DiT weights: " + (args.student or f"{args.ckpt_dir} (the teacher)") +
+        "".join(f" + LoRA {path} x {scale:g}" for path, scale in loras))
 
     dt = dtypes(args.device, args.dtype)
     home = "cpu" if args.offload else args.device  # --offload: models wait in CPU memory
