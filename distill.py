@@ -107,7 +107,8 @@ class Config:
     #   off [choice: FastGen's DMD2 and LADD recipes clip their student at 10; a spike in an adversarial step then
     #   moves Adam's moments less]
     export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
-    export_lora: int = 0  # RANK > 0: only write OUT/student.safetensors as a LoRA of --teacher (see export_lora)
+    export_lora: int = 0  # RANK > 0: no training; write the finished OUT/student.safetensors (left as it is) as a
+    #   rank-RANK LoRA of --teacher, OUT/student_lora_rank<RANK>.safetensors, in ComfyUI's and diffusers' Wan format
     export_from: str = ""  # a checkpoint, OUT/ckpt_N: only write its EMA as OUT/student_N.safetensors (no training)
     preview_every: int = 0  # steps between previews: one-step samples of the EMA on preview_clips fixed held-out
     #   conditions and noise, decoded by the teacher's VAE into OUT/previews/<step>_<i>.mp4 (rank 0); 0 = none
@@ -131,7 +132,8 @@ def fail(msg):
 def usage():
     """Every Config field with its type, default and the comment beside it in this file."""
     import inspect
-    lines, out = inspect.getsource(Config).splitlines(), ["distill.py --field=value ...  (or --field value)\n"]
+    examples = __doc__.split("\n\n")[1]  # the usage lines at the top of this file
+    lines, out = inspect.getsource(Config).splitlines(), [f"{examples}\n\ndistill.py --field=value ...  (or --field value)\n"]
     for line in lines[2:]:
         m = re.fullmatch(r"    (\w+): (\w+) = (.*?)(?:  # (.*))?", line)
         if m:
@@ -800,6 +802,9 @@ def main(argv, launch=None):
     cfg = parse_args(argv)
     if cfg.export_lora:
         return export_lora(cfg)
+    if not cfg.export_from and not (cfg.teacher and cfg.data):
+        fail("--teacher and --data are required, e.g. distill.py --teacher=assets/demo --data=latents/ --out=run/ "
+             "(distill.py --help lists every field)")
     device, dp_rank, dp, sp_group, wait_group = setup_dist(cfg, *(launch or launch_env()))
     world, master = dist.get_world_size(), dist.get_rank() == 0
     if cfg.export_from:

@@ -2517,8 +2517,10 @@ def test_distill_help_lists_every_field_and_takes_field_value(capsys):
     import distill
     with pytest.raises(SystemExit) as e:
         distill.parse_args(["--help"])
-    lines = [x.strip() for x in capsys.readouterr().out.splitlines() if x.startswith("  --")]
+    out = capsys.readouterr().out
+    lines = [x.strip() for x in out.splitlines() if x.startswith("  --")]
     assert e.value.code == 0 and [x.split("=")[0] for x in lines] == [f"--{f.name}" for f in dataclasses.fields(distill.Config)]
+    assert out.startswith("  torchrun --nproc_per_node=8 distill.py") and "distill.py --export_from=" in out  # examples
     assert all(x.split(")  ", 1)[1:] for x in lines)  # each with its comment
     ref = next(x for x in lines if x.startswith("--disc_shift_ref="))
     assert "--disc_shift_ref=32760  (int)  scale" in ref and ref.endswith("0 = fixed")  # a 3-line comment
@@ -2526,6 +2528,8 @@ def test_distill_help_lists_every_field_and_takes_field_value(capsys):
     assert (cfg.phase1_steps, cfg.beta1, cfg.semantic) == (7, -0.5, False)
     with pytest.raises(SystemExit, match="distill.py --help lists them"):
         distill.parse_args(["--phase1_step=3"])
+    with pytest.raises(SystemExit, match="--teacher and --data are required, e.g. distill.py --teacher="):
+        distill.main([])
     with pytest.raises(SystemExit, match="--grad_clip=-1.0: use a value >= 0"):
         distill.parse_args(["--grad_clip=-1"])
     with pytest.raises(SystemExit, match="--csds_guide_until=1.5 .*: use a sigma in"):
