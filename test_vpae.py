@@ -1950,7 +1950,7 @@ def test_demo_lora_of_a_student_reproduces_it(tmp_path):
     demo, run = os.path.join(HERE, "assets", "demo"), tmp_path / "run"
     run.mkdir()
     shutil.copy(os.path.join(demo, "student.safetensors"), run / "student.safetensors")
-    r = run_distill([f"--export_lora=128", f"--teacher={demo}", f"--out={run}", "--export_dtype=fp32"])  # full rank
+    r = run_distill(["--export_lora=128", f"--teacher={demo}", f"--out={run}", "--export_dtype=fp32"])  # full rank
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cmd = [sys.executable, os.path.join(HERE, "sample.py"), "--image", os.path.join(HERE, "assets", "example.png")]
     for extra in ([], ["--lora", str(run / "student_lora_rank128.safetensors")]):
