@@ -217,18 +217,18 @@ def kernel_choice(res, path):
         with open(path) as f:
             table = json.load(f)
     table[chip] = table.get(chip, {}) | choice
-    write_json(path, table)
+    write_json(table, path)
     import vpae_kernels as kernels
     kernels._table = None  # read again at the next op: a later section of this run takes the new winners
     print(f"kernel choice for {chip} (in {path}): {choice}")
     return choice
 
 
-def write_json(path, obj):
-    """obj as JSON at path, written whole or not at all (a temporary file, then os.replace)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+def write_json(obj, path):
+    """data.write_json (atomic), imported on use: data imports the kernels, which --tiny must set TRITON_INTERPRET for
+    first."""
+    import data
+    data.write_json(obj, path)
 
 
 def _line(e):  # an exception in one line
@@ -606,7 +606,7 @@ def gpu(a):
             res.setdefault("section_s", {})[name] = time.perf_counter() - t1
             if CUDA:
                 res.setdefault("peak_mem_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
-            write_json(a.out, res)
+            write_json(res, a.out)
         print(f"bench.py gpu, part {part}: {time.perf_counter() - t0:.0f} s, summary in {a.out}", flush=True)
 
 

@@ -508,16 +508,17 @@ def shard(model, mesh, dtype):
 
 
 @torch.no_grad()
-def fill(model, state, dtype=None):
+def fill(model, state):
     """Copy into each parameter its rank's rows of the full tensor state[name] (FSDP2 shards dim 0 as torch.chunk does),
-    cast to dtype. With memory-mapped views in state, a rank reads only its own rows and moves only them to its device."""
+    cast to its dtype. With memory-mapped views in state, a rank reads only its own rows and moves only them (cast
+    first, so a bf16 parameter moves half the bytes) to its device."""
     for name, p in model.named_parameters():
         full = state[name]
         if isinstance(p, DTensor):  # the mesh dim it is sharded over (HSDP replicates over the other)
             d = next(i for i, pl in enumerate(p.placements) if pl.is_shard())
             rows, r = full.chunk(p.device_mesh.size(d)), p.device_mesh.get_local_rank(d)
             full, p = rows[r] if r < len(rows) else full[:0], p.to_local()
-        p.copy_(full.to(dtype or p.dtype))
+        p.copy_(full.to(p.dtype))
 
 
 def sharded_dit(cfg, device, sp_group, mesh, dtype=torch.float32, lora_rank=0):
@@ -526,13 +527,14 @@ def sharded_dit(cfg, device, sp_group, mesh, dtype=torch.float32, lora_rank=0):
     dtype. lora_rank: with the fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank.
     Returns the model and the LoRAs' switch (add_lora)."""
     src = WanModel.from_pretrained(cfg.teacher)  # views of the file: the pages a rank reads are its own rows
+    default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = WanModel(src.cfg).requires_grad_(False)
             lora = add_lora(model, lora_rank) if lora_rank else None
     finally:
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(default)
     init = lora_init(model)
     model.grad_ckpt, model.sp_group = cfg.grad_ckpt, sp_group
     shard(model, mesh, compute_dtype(cfg, device))
@@ -645,9 +647,8 @@ def save_ckpt(cfg, m, opts, step, group, extra):
         if cfg.async_ckpt:
             written.result()
         if rank == 0:  # the step, the count of skipped steps and the model's shape: the rest follows from the step
-            for name, obj in (("state.json", extra), ("config.json", dataclasses.asdict(cfg))):
-                with open(os.path.join(tmp, name), "w") as f:
-                    json.dump(obj, f, indent=1)
+            D.write_json(extra, os.path.join(tmp, "state.json"))
+            D.write_json(dataclasses.asdict(cfg), os.path.join(tmp, "config.json"))
         dist.barrier(group)
         if rank == 0:
             os.replace(tmp, final)
@@ -830,7 +831,7 @@ def main(argv, launch=None):
     if vds and vds.model_type != dataset.model_type:
         fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
     val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []
-    shown = [(vds or dataset)[i] for i in range(min(len(vds or dataset), cfg.preview_clips))]
+    shown = [(vds or dataset)[i] for i in range(min(len(vds or dataset), cfg.preview_clips) * (cfg.preview_every > 0))]
     if len(dataset) < dp * cfg.micro_batch:
         fail(f"{data_dir} holds {len(dataset)} clips; --batch_size={cfg.batch_size} is accumulated from micro-batches of "
              f"{cfg.micro_batch} on each of {dp} data-parallel ranks, which need at least {dp * cfg.micro_batch}: "

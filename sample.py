@@ -170,7 +170,7 @@ def load_dit(ckpt_dir, dtype, device, student=None, loras=()):
         for path, scale in loras:
             for name, u in lora_updates(shapes, path, scale).items():
                 updates.setdefault(name, []).extend(u)
-    edit = lambda name, w: add_lora(w.to(device), updates[name]) if name in updates else w  # noqa: E731
+    edit = lambda name, w: with_updates(w.to(device), updates[name]) if name in updates else w  # noqa: E731
     return WanModel.from_pretrained(ckpt_dir, dtype, device, weights=student, edit=edit)
 
 
@@ -223,7 +223,7 @@ def lora_updates(dit, path, scale=1.0):
     return updates
 
 
-def add_lora(w, updates):
+def with_updates(w, updates):
     """w + each update in turn, in fp32 on w's device (a new tensor)."""
     for f, a, b in updates:
         w = w.float() + f * (a.to(w.device).float() if b is None else a.to(w.device).float() @ b.to(w.device).float())
@@ -235,7 +235,7 @@ def merge_lora(dit, path, scale=1.0):
     """Add a LoRA file to a loaded DiT's weights (see lora_updates), nothing if any key fits no weight."""
     params = dict(dit.named_parameters())
     for name, u in lora_updates(dit, path, scale).items():
-        params[name].copy_(add_lora(params[name], u).to(params[name].dtype))
+        params[name].copy_(with_updates(params[name], u).to(params[name].dtype))
 
 
 def pack(tensors, pin=False):
@@ -409,16 +409,16 @@ def prepare(args):
     check_video(args.frames, w, h, f"--size {args.size}" + (f" at the shape of {args.image}" if args.image else ""))
     if args.shift is None:  # official defaults: i2v 3.0 at the 480P sizes, else 5.0; t2v 5.0
         args.shift = 3.0 if model_type == "i2v" and parse_size(args.size) in SIZES_480P else 5.0
+    loras = [parse_lora(a) for a in args.lora or []]
     if args.out is None:
         stem = os.path.splitext(os.path.basename(args.image or ""))[0] + "_" + args.prompt[:48]
         stem = re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_") or "video"
-        lora = "".join("_" + os.path.splitext(os.path.basename(parse_lora(a)[0]))[0] for a in args.lora or [])
+        lora = "".join("_" + os.path.splitext(os.path.basename(path))[0] for path, _ in loras)
         args.out = f"{stem}_{'teacher' if args.teacher else 'student'}{args.steps}{lora}_seed{args.seed}.mp4"
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: the video is written as .mp4, so name it so")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"{args.out} already exists: pass --overwrite or another --out")
-    loras = [parse_lora(a) for a in args.lora or []]
     log("DiT weights: " + (args.student or f"{args.ckpt_dir} (the teacher)") +
         "".join(f" + LoRA {path} x {scale:g}" for path, scale in loras))
 

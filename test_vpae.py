@@ -2791,7 +2791,7 @@ def test_kernel_choice_refuses_a_kernel_that_failed(monkeypatch):
     import bench
     written = {}
     monkeypatch.setattr(bench, "CUDA", False)
-    monkeypatch.setattr(bench, "write_json", lambda path, obj: written.update(obj))
+    monkeypatch.setattr(bench, "write_json", lambda obj, path: written.update(obj))
     rows = _k_rows(1.0, 1.5) + [dict(shape="self 75600", impl="triton", error="OutOfResources: shared memory")]
     choice = bench.kernel_choice({"attention_speed": rows, "fused_ops": {"error": "x"}}, "/nonexistent/m.json")
     assert choice["attention"]["use"] == choice["ln_modulate"]["use"] == "torch" and written["cpu"] == choice

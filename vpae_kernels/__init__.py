@@ -7,6 +7,7 @@ CPU fallback) in its own file. `VPAE_KERNELS` picks the path: `triton`, `torch`,
 backends are tuned per chip) on a chip the table does not name; under TRITON_INTERPRET=1 on CPU, Triton (the
 tests); elsewhere PyTorch. `use_triton` reads the module variable `MODE` at call time, so tests can flip it.
 """
+import functools
 import json
 import os
 from types import SimpleNamespace
@@ -48,8 +49,13 @@ def winner(op, chip):
     return _table.get(chip, {}).get(op, {}).get("use", "torch")
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(index):  # asked once per GPU: _chip runs on every op call
+    return torch.cuda.get_device_name(index)
+
+
 def _chip(x):  # the device name auto looks up, None off CUDA (tests pretend a chip here)
-    return torch.cuda.get_device_name(x.device) if x.is_cuda else None
+    return _device_name(x.device.index) if x.is_cuda else None
 
 
 def use_triton(x: torch.Tensor, op: str = "attention") -> bool:
