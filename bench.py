@@ -948,32 +948,44 @@ def dit(a):
         print(f"vpae / diffusers time ratio (median of rounds): {med('vpae') / med('diffusers'):.3f}")
 
 
-if __name__ == "__main__":
+def parser():
+    """bench.py's command line; every flag a user passes has a help text with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["dit", "load", "startup", "memory", "kernels", "compile", "gpu"])
+    p.add_argument("what", choices=["dit", "load", "startup", "memory", "kernels", "compile", "gpu"],
+                   help="which measurement (each is described above)")
     p.add_argument("ckpt", nargs="?", help="checkpoint directory (load, startup)")
-    p.add_argument("--dim", type=int, default=1536)
-    p.add_argument("--ffn", type=int, default=8960)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=1536, help="dit, memory --preset=custom: model width (default 1536)")
+    p.add_argument("--ffn", type=int, default=8960, help="dit, memory --preset=custom: FFN width (default 8960)")
+    p.add_argument("--heads", type=int, default=12, help="dit, memory --preset=custom: attention heads (default 12)")
+    p.add_argument("--layers", type=int, default=4, help="dit, memory --preset=custom: DiT blocks (default 4)")
     p.add_argument("--frames", type=int, default=None, help="default 9 (dit), 81 (memory)")
     p.add_argument("--size", default=None, help="W*H in pixels; default 416*240 (dit), 832*480 (memory)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--impl", default="vpae")
+    p.add_argument("--reps", type=int, default=3, help="dit: timed forwards per process, after a warm-up (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="dit: processes per implementation, alternating (default 3)")
+    p.add_argument("--impl", default="vpae", choices=["vpae", "diffusers"],
+                   help="dit --child: the implementation this process times (default vpae)")
     p.add_argument("--preset", help="memory: one case of this preset (default: the three cases of bench.CASES)")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--disc_width", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=None, help="memory: default 8; startup: default 2")
-    p.add_argument("--sp", type=int, default=8)
-    p.add_argument("--shard_ranks", type=int, default=0, help="memory: HSDP, sharded within this many ranks")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading; startup: "
-                   "distill's --param_dtype (default fp32)")
-    p.add_argument("--tiny", action="store_true", help="kernels, gpu: tiny sizes on CPU under the Triton interpreter")
-    p.add_argument("--out", default="gpu_summary.json", help="gpu: the JSON summary (parts merge into it)")
-    p.add_argument("--part", default="all", choices=["kernels", "models", "all"], help="gpu: which part to run")
+    p.add_argument("--sp", type=int, default=8, help="memory --preset: sequence-parallel ranks (default 8)")
+    p.add_argument("--shard_ranks", type=int, default=0,
+                   help="memory: HSDP, sharded within this many ranks (default 0: FSDP over all ranks)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="load: convert to this dtype while loading (default: as "
+                   "stored); startup: distill's --param_dtype (default fp32)")
+    p.add_argument("--tiny", action="store_true", help="compile: only the shapes the test builds; kernels, gpu: tiny "
+                   "sizes on CPU under the Triton interpreter (default off)")
+    p.add_argument("--out", default="gpu_summary.json", help="gpu: the JSON summary (parts merge into it; default "
+                   "gpu_summary.json)")
+    p.add_argument("--part", default="all", choices=["kernels", "models", "all"],
+                   help="gpu: which part to run (default all)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+if __name__ == "__main__":
+    p = parser()
     a = p.parse_args()
     a.frames = a.frames or (81 if a.what == "memory" else 9)
     a.world = a.world or (2 if a.what == "startup" else 8)

@@ -105,6 +105,11 @@ class Skip(Exception):
     """A clip that cannot be used: args = (reason, detail); reason is a key of the manifest's "skipped"."""
 
 
+class NoClips(ValueError):
+    """A video folder with nothing to encode: no videos, or no captioned ones. Raised before anything is written;
+    other frames or sizes would not help (unlike precompute's "no usable clip")."""
+
+
 def list_clips(videos):
     """[(file relative to videos, caption)] from captions.jsonl, else from the .txt beside each video; the videos
     that have no caption; and the files that are neither videos (VIDEO_EXTS) nor captions."""
@@ -283,6 +288,15 @@ def precompute(ckpt_dir, videos, out, frames=None, size=None, device="cpu", dtyp
     if model_type not in ("t2v", "i2v"):
         raise ValueError(f"{ckpt_dir} is a {model_type} checkpoint: precompute supports t2v and i2v")
     clips, uncaptioned, ignored = list_clips(videos)
+    if not clips:  # before out is made or an encoder loaded: nothing here could ever be encoded
+        if uncaptioned:
+            how = ("add a line for each to captions.jsonl" if os.path.isfile(os.path.join(videos, "captions.jsonl"))
+                   else 'add captions.jsonl lines {"file", "caption"} or a .txt caption beside each video')
+            raise NoClips(f"no captioned videos in {videos}: {len(uncaptioned)} video(s) have no caption "
+                          f"({namelist(uncaptioned, 5)}); {how}")
+        found = f"; found only {namelist(ignored, 5)}" if ignored else ""
+        raise NoClips(f"no videos in {videos} (looked for {', '.join(VIDEO_EXTS)}){found}: pass a folder of captioned "
+                      "videos")
     man_path, neg_path = os.path.join(out, "manifest.json"), os.path.join(out, "neg_context.safetensors")
     head, man = {"model_type": model_type, "frames": frames, "size": f"{w}*{h}"}, read_manifest(out)
     anew = man is None or ({k: man.get(k) for k in head} != head and not man["clips"])  # nothing usable kept

@@ -13,6 +13,7 @@ plus a conditional score-distillation term (C-SDS) to the CFG teacher. FSDP2 sha
 torch.distributed.checkpoint writes checkpoints that resume on any number of ranks. Every choice the paper leaves open is a field below: [paper] marks the paper's
 values, [choice] the closest prior work's (APT, DMD2, ADD/LADD), [ours] this project's.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -46,79 +47,69 @@ from vae import WanVAE
 
 @dataclass
 class Config:
+    # ---- what to distil, and where -------------------------------------------------------------------------------
     teacher: str = ""  # official Wan2.1 checkpoint directory: the teacher, and the generator's initialisation
-    data: str = ""  # a precomputed folder (data.py --out) or a video folder (precomputed into out/latents first)
+    data: str = ""  # a precomputed folder (data.py --out) or a video folder (precomputed into OUT/latents first)
     out: str = "out"  # checkpoints, logs and the exported student.safetensors
-    phase1_steps: int = 500  # stability priming [paper]
-    phase2_steps: int = 1000  # adversarial equilibrium [paper]
-    batch_size: int = 32  # global batch per optimizer step [paper]; micro-batches are accumulated
-    micro_batch: int = 1  # clips per rank per forward
-    seed: int = 0  # seeds the data order, the noise and the initial heads and LoRA
-    lr_phase1: float = 1e-6  # generator lr, Phase I [paper]
-    lr_phase2: float = 2e-6  # generator lr, Phase II [paper]
-    lr_fake: float = 1e-5  # LoRA fake-score lr [choice]
-    lr_disc: float = 1e-5  # discriminator-head lr [choice]
-    beta1: float = 0.0  # Adam betas (beta1, beta2) of the generator and heads in Phase II [choice, APT-like]
-    beta2: float = 0.99  # see beta1
-    sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]; 0 = off
-    shift: float = 3.0  # re-noising shift for DMD and C-SDS: the task's Wan sample shift [choice]; 5 for 720p/t2v
-    #   (C-SDS at shift 1 in Phase II was no better on the toy's speed, on validation)
-    guide_scale: float = 5.0  # teacher CFG w in DMD's and C-SDS's targets [choice, Wan default]; on the toy a
-    #   higher w in Phase II speeds the student up to the teacher's and costs FD and PSNR (README, round 6)
-    csds_guide_scale: float = 0.0  # C-SDS's w at re-noising sigma' < csds_guide_until (guide_scale at and above); 0 =
-    #   off. A guidance interval [ours]: on the toy, w 7.5 below sigma' 0.75 (3 above) brought the student to the
-    #   teacher's speed without the FD that a higher w everywhere, or above 0.75 only, costs (README, round 8)
-    csds_guide_until: float = 0.75  # see csds_guide_scale; 0.75 is the median sigma' at shift 3
-    k_fake: int = 1  # fake-score steps per generator step [choice; DMD2 uses 5]
-    lora_rank: int = 64  # fake-score LoRA rank on attention q/k/v/o and FFN linears [choice]
-    disc_backbone: str = "ema"  # ema | live | teacher: whose hidden states the heads read [paper: ema]
-    disc_shift: float = 5.0  # discriminator noising shift at disc_shift_ref tokens per clip [choice]
-    disc_shift_ref: int = 32760  # scale disc_shift by sqrt(tokens per clip / disc_shift_ref), the resolution rule
-    #   behind Wan's own sample shifts (3 at 480p, 5 at 720p): 5 at 480p x 81 frames, 7.6 at 720p, 0.25 on the toy.
-    #   On the toy's validation split it beat a fixed shift 5 (D sees mostly noise at 80 tokens) [ours]; 0 = fixed
-    disc_steps: int = 1  # discriminator steps per generator step, each on fresh clips [choice, APT: 1]
-    disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
-    disc_queries: int = 4  # learnable query tokens per head [choice]
-    disc_width: int = 0  # head width; 0 = the backbone's dim, at most 1024 (1024 at 1.3B and 14B, 128 on the toy) [ours]
-    semantic: bool = True  # the semantic self-attention over image/text tokens in each head [paper]
-    lambda_csds: float = 10.0  # weight of C-SDS in L_G [paper]; 3 was no better on the toy's speed (validation)
-    lambda_adv: float = 1.0  # weight of the adversarial term in L_G; 0 = C-SDS alone, a control [ours]
-    lambda_r1: float = 1.0  # weight of the spatio-temporal R1 [choice]
+    # ---- the method: [paper] = the paper's value; [choice] = the paper is silent, the closest prior work's --------
+    phase1_steps: int = 500  # Phase I, stability priming (DMD) [paper]
+    phase2_steps: int = 1000  # Phase II, adversarial equilibrium (GAN + C-SDS) [paper]
+    batch_size: int = 32  # global batch per optimizer step [paper]
+    lr_phase1: float = 1e-6  # generator lr in Phase I [paper]
+    lr_phase2: float = 2e-6  # generator lr in Phase II [paper]
+    ema: float = 0.995  # EMA decay; the EMA is the exported student and D's backbone [paper]
+    sigma_g_min: float = 0.9  # Phase I generator input sigma ~ U[sigma_g_min, 1] [paper: t in [0.9T, T]]
+    guide_scale: float = 5.0  # teacher CFG w in DMD's and C-SDS's targets [choice: Wan's default]
+    shift: float = 3.0  # re-noising shift of DMD and C-SDS [choice: the task's Wan sample shift; 5 at 720p]
+    k_fake: int = 1  # fake-score updates per generator step in Phase I [choice: APT-like 1; DMD2 uses 5]
+    lr_fake: float = 1e-5  # fake-score LoRA lr [choice]
+    lora_rank: int = 64  # fake-score LoRA rank, on the blocks' attention and FFN linears [choice]
+    lambda_csds: float = 10.0  # weight of C-SDS in the generator loss [paper]
+    lambda_r1: float = 1.0  # weight of STR1 in D's loss [choice]
     r1_sigma_s: float = 0.01  # STR1 spatial perturbation [paper]
     r1_sigma_t: float = 0.1  # STR1 temporal perturbation [paper]
-    ema: float = 0.995  # EMA decay [paper]
-    sp: int = 1  # Ulysses sequence-parallel degree (divides world size and num_heads)
-    shard_ranks: int = 0  # HSDP: shard each model within groups of this many consecutive ranks (a node's GPUs) and
-    #   replicate across the groups, so a block's all-gather stays in a node; 0 = shard over every rank
-    timeout_min: float = 30.0  # a collective of the training steps that waits this long means a rank is stuck:
-    #   the run stops (NCCL's watchdog). Ranks waiting for one rank's long work (precomputing latents, writing a
-    #   checkpoint or the student) wait on a separate gloo group, up to wait_hours
-    wait_hours: float = 24.0  # see timeout_min
-    grad_ckpt: bool = True  # per-block activation checkpointing
-    param_dtype: str = ""  # compute dtype, bf16 | fp32 (empty: bf16 on GPU, fp32 on CPU); master weights, grads, Adam
-    #   and the EMA stay fp32, the frozen teacher is kept in this dtype
-    log_every: int = 10  # steps between lines of OUT/log.jsonl
-    ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM)
-    async_ckpt: bool = True  # write checkpoints while training goes on (dcp.async_save): the state is first copied
-    #   to CPU memory, a sharded checkpoint's share per rank (34 GB per GPU at I2V-14B on 8)
-    keep_ckpts: int = 3  # the newest k complete checkpoints are kept
-    max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
-    grad_clip: float = 10.0  # clip the global gradient norm of the generator, the fake score and the heads to this; 0 =
-    #   off [choice: FastGen's DMD2 and LADD recipes clip their student at 10; a spike in an adversarial step then
-    #   moves Adam's moments less]
-    export_dtype: str = "bf16"  # dtype of student.safetensors (official files are fp32) and of LoRA exports [ours]
-    export_lora: int = 0  # RANK > 0: no training; write the finished OUT/student.safetensors (left as it is) as a
-    #   rank-RANK LoRA of --teacher, OUT/student_lora_rank<RANK>.safetensors, in ComfyUI's and diffusers' Wan format
-    export_from: str = ""  # a checkpoint, OUT/ckpt_N: only write its EMA as OUT/student_N.safetensors (no training)
-    preview_every: int = 0  # steps between previews: one-step samples of the EMA on preview_clips fixed held-out
-    #   conditions and noise, decoded by the teacher's VAE into OUT/previews/<step>_<i>.mp4 (rank 0); 0 = none
-    preview_clips: int = 2  # see preview_every: the first clips of val_data, else of data
-    stop_after: int = 0  # end this invocation after this many steps, with a checkpoint (0: run to the end)
-    tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
-    val_data: str = ""  # a precomputed folder of held-out clips: D's real-vs-fake accuracy is logged on them [ours]
+    disc_backbone: str = "ema"  # whose hidden states D's heads read: ema | live (G) | teacher (frozen) [paper: ema]
+    semantic: bool = True  # the heads' self-attention over the image and text tokens [paper]
+    disc_taps: int = 4  # tapped blocks, evenly spaced, ending at the last [choice]
+    disc_queries: int = 4  # learnable query tokens per head [choice]
+    disc_steps: int = 1  # D steps per generator step, each on fresh clips [choice: APT]
+    lr_disc: float = 1e-5  # D's heads' lr [choice]
+    beta1: float = 0.0  # Adam beta1 of the generator and heads in Phase II [choice: APT-like]
+    beta2: float = 0.99  # Adam beta2, likewise [choice]
+    # ---- this project's additions (EXPERIMENTS.md says how each was chosen) ------------------------------------
+    disc_shift: float = 5.0  # D's noising shift at disc_shift_ref tokens per clip
+    disc_shift_ref: int = 32760  # scale disc_shift by sqrt(tokens / this), as Wan's shifts follow resolution; 0 = fixed
+    disc_width: int = 0  # head width; 0 = the DiT's width, at most 1024
+    csds_guide_scale: float = 0.0  # C-SDS's w where the re-noising sigma' < csds_guide_until (a guidance interval); 0 = off
+    csds_guide_until: float = 0.75  # see csds_guide_scale; 0.75 is the median sigma' at shift 3
+    lambda_adv: float = 1.0  # weight of the adversarial term in the generator loss; 0 = C-SDS alone (a control)
+    gan_weight: float = 0.0  # DMD2's GAN in Phase I: its generator weight (FastGen: 0.03), heads on the fake score; 0 = off
+    grad_clip: float = 10.0  # clip the global gradient norm of each trained model to this (FastGen, LADD); 0 = off
+    val_data: str = ""  # a precomputed folder of held-out clips: D's real-vs-fake accuracy is logged on them
     val_every: int = 50  # Phase II steps between those evaluations (and at the end of Phase II)
     val_sigmas: str = "0.25,0.5,0.75"  # the fixed sigma_d of the accuracy
     val_clips: int = 32  # at most this many clips of val_data
+    # ---- infrastructure -----------------------------------------------------------------------------------------
+    seed: int = 0  # seeds the data order, the noise and the initial heads and LoRA
+    micro_batch: int = 1  # clips per rank per forward; batch_size is accumulated from these
+    sp: int = 1  # Ulysses sequence-parallel degree (divides the world size and num_heads)
+    shard_ranks: int = 0  # HSDP: shard within groups of this many ranks (a node), replicate across them; 0 = all ranks
+    param_dtype: str = ""  # compute dtype, bf16 | fp32 ("": bf16 on GPU, fp32 on CPU); weights, grads, Adam, EMA fp32
+    grad_ckpt: bool = True  # per-block activation checkpointing
+    timeout_min: float = 30.0  # a training collective that waits this long stops the run (a rank is stuck)
+    wait_hours: float = 24.0  # how long ranks wait for one rank's long work (precompute, checkpoint, export)
+    log_every: int = 10  # steps between lines of OUT/log.jsonl
+    tensorboard: bool = False  # also log to OUT/tb (needs the tensorboard package)
+    preview_every: int = 0  # steps between one-step previews of the EMA in OUT/previews/ (rank 0 decodes); 0 = none
+    preview_clips: int = 2  # previews per time: the first clips of val_data, else of data
+    ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM or Ctrl-C)
+    async_ckpt: bool = True  # write checkpoints while training goes on (a CPU copy of each rank's shards first)
+    keep_ckpts: int = 3  # the newest complete checkpoints kept
+    max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
+    stop_after: int = 0  # end this invocation after this many steps, with a checkpoint; 0 = run to the end
+    export_dtype: str = "bf16"  # dtype of student.safetensors and of LoRA exports (official files are fp32)
+    export_lora: int = 0  # RANK > 0: no training; write OUT/student.safetensors as OUT/student_lora_rank<RANK>.safetensors
+    export_from: str = ""  # OUT/ckpt_N: no training; write that checkpoint's EMA as OUT/student_N.safetensors
 
 
 def fail(msg):
@@ -130,16 +121,15 @@ def fail(msg):
 
 
 def usage():
-    """Every Config field with its type, default and the comment beside it in this file."""
+    """The usage lines at the top of this file, then each Config field with its type, default and the comment beside
+    it, under the headings of its group. Read from this file's source: one line per field is its documentation."""
     import inspect
-    examples = __doc__.split("\n\n")[1]  # the usage lines at the top of this file
-    lines, out = inspect.getsource(Config).splitlines(), [f"{examples}\n\ndistill.py --field=value ...  (or --field value)\n"]
-    for line in lines[2:]:
-        m = re.fullmatch(r"    (\w+): (\w+) = (.*?)(?:  # (.*))?", line)
-        if m:
-            out.append(f"  --{m[1]}={m[3].strip(chr(34))}  ({m[2]})" + (f"  {m[4]}" if m[4] else ""))
-        elif line.strip().startswith("#"):  # a comment continued on the next lines
-            out[-1] += " " + line.strip().lstrip("#").strip()
+    out = [__doc__.split("\n\n")[1], "", "distill.py --field=value ...  (or --field value)"]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        if m := re.fullmatch(r"    (\w+): (\w+) = (.*?)  # (.*)", line):
+            out.append(f"  --{m[1]}={m[3].strip(chr(34))}  ({m[2]})  {m[4]}")
+        else:  # a group's heading
+            out.append("\n" + line.strip(" #-"))
     return "\n".join(out)
 
 
@@ -205,25 +195,52 @@ def renoise_sigma(k, rng, device):
     return shift(uniform(0.02, 0.98, rng, device), k)
 
 
-class LoRA(nn.Module):
-    """A low-rank update out += B(A(x)) on one Linear, through a forward hook; B starts at zero so F = T."""
+class LoRALinear(nn.Linear):
+    """A Linear of the teacher with the fake score's low-rank update: out + lora_B(lora_A(x)) while `fake` is set
+    (see fake_score), the plain Linear otherwise. lora_B starts at zero, so F = T at first. Its weight and bias keep
+    their names, so the official file fills it."""
 
-    def __init__(self, lin, rank, state):
-        super().__init__()
-        self.A = nn.Linear(lin.in_features, rank, bias=False, dtype=torch.float32)  # trained: fp32 in any model
-        self.B = nn.Linear(rank, lin.out_features, bias=False, dtype=torch.float32)
-        nn.init.zeros_(self.B.weight)
-        lin.register_forward_hook(lambda mod, args, out: out + self.B(self.A(args[0])) if state["on"] else out)
+    def __init__(self, lin, rank):
+        super().__init__(lin.in_features, lin.out_features, lin.bias is not None, device="meta")  # nothing drawn
+        self.weight, self.bias, dev = lin.weight, lin.bias, lin.weight.device
+        self.lora_A = nn.Linear(lin.in_features, rank, bias=False, device=dev, dtype=torch.float32)  # fp32 in any model
+        self.lora_B = nn.Linear(rank, lin.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.zeros_(self.lora_B.weight)
+        self.fake = False
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out + self.lora_B(self.lora_A(x)) if self.fake else out
 
 
 def add_lora(model, rank):
-    """Attach LoRAs to the attention and FFN linears of every block. Returns a switch: state["on"]."""
-    state = {"on": False}
+    """Make the attention and FFN linears of every block LoRALinears of the given rank (their LoRAs trainable)."""
     for block in model.blocks:
-        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.startswith(("self_attn", "cross_attn", "ffn"))]
-        block.lora = nn.ModuleDict({n.replace(".", "_"): LoRA(block.get_submodule(n), rank, state) for n in names})
-        block.lora.requires_grad_(True)
-    return state
+        for name, lin in list(block.named_modules()):
+            if isinstance(lin, nn.Linear) and name.startswith(("self_attn", "cross_attn", "ffn")):
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, LoRALinear(lin, rank))
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    first = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    # with grad_ckpt, a block recomputes its forward during the backward: as F if the forward ran as F, wherever the
+    # backward runs
+    model.ckpt_context = lambda: (contextlib.nullcontext(), fake_score(model, first.fake))
+
+
+@contextlib.contextmanager
+def fake_score(model, on=True):
+    """Within this block, the teacher with add_lora's LoRAs is the fake score F (on=False: the teacher T); after it,
+    as it was before."""
+    lins = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.fake for m in lins]
+    for m in lins:
+        m.fake = on
+    try:
+        yield
+    finally:
+        for m, b in zip(lins, before):
+            m.fake = b
 
 
 def lora_init(model):
@@ -231,9 +248,9 @@ def lora_init(model):
     in the order add_lora builds them; B is then zeroed. For a model built on the meta device."""
     init = {}
     for n, p in model.named_parameters():
-        if ".lora." in n:
+        if ".lora_" in n:
             w = nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5))
-            init[n] = w.zero_() if n.endswith(".B.weight") else w
+            init[n] = w.zero_() if n.endswith(".lora_B.weight") else w
     return init
 
 
@@ -309,33 +326,60 @@ def ema_update(ema, model, decay):
 # one optimizer step of each kind; each returns a dict of logged scalars
 
 
+def one_step(m, x0, cond, s_g, rng):
+    """G's guess of x0 from x0 noised at s_g (pure noise at s_g = 1, the inference path)."""
+    x_in = (1 - bcast(s_g)) * x0 + bcast(s_g) * noise_like(x0, rng)
+    return x_in - bcast(s_g) * run(m.gen, x_in, s_g, cond)
+
+
 def phase1_step(cfg, m, batch, rng):
-    """Stability priming: DMD generator step, then k_fake fake-score steps on the same sample."""
+    """Stability priming, and the DMD and DMD2 peers: a DMD generator step (plus DMD2's GAN term when gan_weight > 0),
+    then k_fake fake-score steps: the first on this step's sample, each other on a fresh sample of G (DMD2's two
+    time-scale rule). With the GAN, each also trains D's heads on the fake score's features (non-saturating loss)."""
     x0, cond = batch["latent"], batch["cond"]
     dev = x0.device
     s_g = uniform(cfg.sigma_g_min, 1.0, rng, dev)
-    x_in = (1 - bcast(s_g)) * x0 + bcast(s_g) * noise_like(x0, rng)
-    x0_hat = x_in - bcast(s_g) * run(m.gen, x_in, s_g, cond)
+    x0_hat = one_step(m, x0, cond, s_g, rng)
     s = renoise_sigma(cfg.shift, rng, dev)
     x_s = (1 - bcast(s)) * x0_hat.detach() + bcast(s) * noise_like(x0, rng)
     with torch.no_grad():
         x0_real = cfg_x0(m.teacher, x_s, s, cond, batch["neg"], cfg.guide_scale)
-        m.lora["on"] = True
-        x0_fake = x_s - bcast(s) * run(m.teacher, x_s, s, cond)
-        m.lora["on"] = False
-    loss_g = dmd_loss(x0_hat, x0_real, x0_fake)
-    loss_g.backward()
-    loss_f = 0.0
-    m.lora["on"] = True
-    for _ in range(cfg.k_fake):
-        s2 = renoise_sigma(cfg.shift, rng, dev)
-        eps = noise_like(x0, rng)
-        x_s2 = (1 - bcast(s2)) * x0_hat.detach() + bcast(s2) * eps
-        lf = F.mse_loss(run(m.teacher, x_s2, s2, cond), eps - x0_hat.detach()) / cfg.k_fake
-        lf.backward()
-        loss_f += lf.detach()
-    m.lora["on"] = False
-    return {"loss_dmd": loss_g.detach(), "loss_fake": loss_f}
+        with fake_score(m.teacher):
+            x0_fake = x_s - bcast(s) * run(m.teacher, x_s, s, cond)
+    loss_g, stats = dmd_loss(x0_hat, x0_real, x0_fake), {}
+    if cfg.gan_weight:  # the generator's GAN term, through the fake score's features: its gradient at x0_hat only
+        (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)
+        with fake_score(m.teacher):
+            loss_gan = F.softplus(-m.disc(*run(m.teacher, fake_d, s_d, cond, taps=m.disc.taps)[1:])).mean()
+            gx = torch.autograd.grad(loss_g + cfg.gan_weight * loss_gan, x0_hat)[0]
+        x0_hat.backward(gx)
+        stats["loss_gan_g"] = loss_gan.detach()
+    else:
+        loss_g.backward()
+    loss_f = loss_cls = 0.0
+    sample = x0_hat.detach()
+    with fake_score(m.teacher):
+        for i in range(cfg.k_fake):
+            if i:
+                with torch.no_grad():
+                    sample = one_step(m, x0, cond, uniform(cfg.sigma_g_min, 1.0, rng, dev), rng)
+            s2 = renoise_sigma(cfg.shift, rng, dev)
+            eps = noise_like(x0, rng)
+            x_s2 = (1 - bcast(s2)) * sample + bcast(s2) * eps
+            lf = F.mse_loss(run(m.teacher, x_s2, s2, cond), eps - sample) / cfg.k_fake
+            lf.backward()
+            loss_f += lf.detach()
+            if cfg.gan_weight:  # the heads on the fake score's features (no gradient into the LoRA), real vs G's sample
+                (real_d, fake_d), s_d = noisy_d(cfg, [x0, sample], rng)
+                with torch.no_grad():
+                    _, hidden, ctx = run(m.teacher, torch.cat([real_d, fake_d]), s_d.repeat(2),
+                                         {k: torch.cat([v, v]) for k, v in cond.items()}, taps=m.disc.taps)
+                d_real, d_fake = m.disc(hidden, ctx).chunk(2)
+                lc = (F.softplus(-d_real).mean() + F.softplus(d_fake).mean()) / cfg.k_fake
+                lc.backward()
+                loss_cls += lc.detach()
+    stats |= {"loss_dmd": loss_g.detach(), "loss_fake": loss_f}
+    return stats | ({"loss_cls": loss_cls} if cfg.gan_weight else {})
 
 
 def disc_shift(cfg, x):
@@ -524,15 +568,15 @@ def fill(model, state):
 def sharded_dit(cfg, device, sp_group, mesh, dtype=torch.float32, lora_rank=0):
     """--teacher's DiT sharded over every rank without a full copy on any: built on the meta device, sharded, then
     each rank fills its own shards from the memory-mapped file (checked against the official layout), stored in
-    dtype. lora_rank: with the fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank.
-    Returns the model and the LoRAs' switch (add_lora)."""
+    dtype. lora_rank: with the fake score's LoRAs (fp32, trained), drawn from the global RNG alike on every rank."""
     src = WanModel.from_pretrained(cfg.teacher)  # views of the file: the pages a rank reads are its own rows
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = WanModel(src.cfg).requires_grad_(False)
-            lora = add_lora(model, lora_rank) if lora_rank else None
+            if lora_rank:
+                add_lora(model, lora_rank)
     finally:
         torch.set_default_dtype(default)
     init = lora_init(model)
@@ -540,7 +584,7 @@ def sharded_dit(cfg, device, sp_group, mesh, dtype=torch.float32, lora_rank=0):
     shard(model, mesh, compute_dtype(cfg, device))
     model.to_empty(device=device)
     fill(model, dict(src.named_parameters()) | init)
-    return model, lora
+    return model
 
 
 def tap_blocks(n_layers, k):
@@ -556,13 +600,13 @@ class Models:
 
     def __init__(self, cfg, device, sp_group):
         mesh = fsdp_mesh(cfg, device)
-        self.gen = sharded_dit(cfg, device, sp_group, mesh)[0].requires_grad_(True).train()
-        self.ema = sharded_dit(cfg, device, sp_group, mesh)[0]
-        self.teacher, self.lora = sharded_dit(cfg, device, sp_group, mesh, compute_dtype(cfg, device), cfg.lora_rank)
+        self.gen = sharded_dit(cfg, device, sp_group, mesh).requires_grad_(True).train()
+        self.ema = sharded_dit(cfg, device, sp_group, mesh)
+        self.teacher = sharded_dit(cfg, device, sp_group, mesh, compute_dtype(cfg, device), cfg.lora_rank)
         taps = tap_blocks(self.gen.cfg.num_layers, cfg.disc_taps)
         self.disc = Discriminator(self.gen.cfg.dim, taps, cfg.disc_width, cfg.disc_queries, cfg.semantic)
         shard(self.disc, mesh, torch.float32)
-        self.live = sharded_dit(cfg, device, sp_group, mesh)[0] if cfg.disc_backbone == "live" else None  # synced to G
+        self.live = sharded_dit(cfg, device, sp_group, mesh) if cfg.disc_backbone == "live" else None  # synced to G
         self.backbone = {"ema": self.ema, "live": self.live, "teacher": self.teacher}[cfg.disc_backbone]
 
 
@@ -667,7 +711,7 @@ def check_resume(cfg, path, extra, model_cfg):
     """Refuse, in one line, a resume that changes a fixed field or the teacher's shape; print what else changed."""
     with open(os.path.join(path, "config.json")) as f:
         old = json.load(f)
-    fixed = FIXED + FIXED_PHASE2 * (extra["step"] > cfg.phase1_steps)
+    fixed = FIXED + FIXED_PHASE2 * (extra["step"] > cfg.phase1_steps or cfg.gan_weight > 0)
     bad = [f"--{k}={old[k]} (now {getattr(cfg, k)})" for k in fixed if old.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     if extra["model"] != json.loads(json.dumps(dataclasses.asdict(model_cfg))):  # as saved: tuples become lists
         bad.append(f"--teacher={old['teacher']} (now {cfg.teacher}, another model)")
@@ -681,7 +725,7 @@ def check_resume(cfg, path, extra, model_cfg):
 
 
 def load_ckpt(path, m, opts, cfg, group):
-    """Restore every model and optimizer. The heads train only in Phase II, so from a checkpoint taken before it
+    """Restore every model and optimizer. The heads train only in Phase II (gan_weight: also in I), so from before it
     they are left as this run built them: a shared Phase I can start runs whose heads differ (width, taps, ...)."""
     if not os.path.isfile(os.path.join(path, "state.json")):
         fail(f"{path} has no state.json: it was written by an older distill.py, which this one cannot resume; "
@@ -690,7 +734,7 @@ def load_ckpt(path, m, opts, cfg, group):
         extra = json.load(f)
     check_resume(cfg, path, extra, m.gen.cfg)
     parts = [("gen", m.gen, opts["gen"]), ("disc", m.disc, opts["disc"]), ("lora", m.teacher, opts["fake"])]
-    parts = [p for p in parts if p[0] != "disc" or extra["step"] > cfg.phase1_steps]
+    parts = [p for p in parts if p[0] != "disc" or extra["step"] > cfg.phase1_steps or cfg.gan_weight]
     state = {k: v for k, v in train_state(m, opts).items() if k.removeprefix("opt_") in {p[0] for p in parts} | {"ema"}}
     dcp.load(state, checkpoint_id=path, process_group=group)
     for name, mdl, opt in parts:
@@ -725,7 +769,7 @@ def export_from(cfg, device, sp_group, group):
         fail(f"{out} exists: delete it to export again")
     with open(os.path.join(path, "config.json")) as f:
         cfg.teacher = cfg.teacher or json.load(f)["teacher"]
-    ema = sharded_dit(cfg, device, sp_group, fsdp_mesh(cfg, device))[0]
+    ema = sharded_dit(cfg, device, sp_group, fsdp_mesh(cfg, device))
     state = {"ema": get_state_dict(ema, [])[0]}
     dcp.load(state, checkpoint_id=path, process_group=group)
     set_state_dict(ema, [], model_state_dict=state["ema"], optim_state_dict={})
@@ -817,7 +861,6 @@ def main(argv, launch=None):
     if cfg.batch_size % (dp * cfg.micro_batch):
         fail(f"--batch_size={cfg.batch_size} must be a multiple of data-parallel ranks ({dp}) x micro_batch ({cfg.micro_batch})")
     accum = cfg.batch_size // (dp * cfg.micro_batch)
-    os.makedirs(cfg.out, exist_ok=True)
     data_dir = cfg.data
     try:
         if not D.is_precomputed(data_dir):  # a video folder: precompute latents once, the clips split over the ranks
@@ -826,8 +869,9 @@ def main(argv, launch=None):
         dataset = D.LatentDataset(data_dir)
         vds = D.LatentDataset(cfg.val_data) if cfg.val_data else None
     except (FileNotFoundError, ValueError) as e:
-        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) else
+        fail(f"{e}" + ("" if D.is_precomputed(cfg.data) or isinstance(e, (FileNotFoundError, D.NoClips)) else
                        "; for other frames or sizes, precompute with data.py and pass its --out as --data"))
+    os.makedirs(cfg.out, exist_ok=True)
     if vds and vds.model_type != dataset.model_type:
         fail(f"--val_data={cfg.val_data!r} holds {vds.model_type} clips but --data holds {dataset.model_type}")
     val = [vds[i] for i in range(min(len(vds), cfg.val_clips))] if vds else []
@@ -919,6 +963,7 @@ def main(argv, launch=None):
                 for k, v in phase1_step(cfg, m, prep(b), clip_rngs(cfg, pos, 0, device)).items():
                     stats[k] = stats.get(k, 0) + v / accum
             stats |= opt_step("gen", m.gen.parameters()) | opt_step("fake", opts["fake"].param_groups[0]["params"])
+            stats |= opt_step("disc", m.disc.parameters()) if cfg.gan_weight else {}
         else:
             if m.live is not None:
                 ema_update(m.live, m.gen, 0.0)

@@ -16,7 +16,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 import vpae_kernels as kernels
 
@@ -240,6 +240,7 @@ class WanModel(nn.Module):
         if cfg.model_type != "t2v":
             self.img_emb = MLPProj(cfg.clip_dim, D, flf=cfg.model_type == "flf2v")
         self.grad_ckpt = False  # per-block activation checkpointing
+        self.ckpt_context = noop_context_fn  # checkpoint's context_fn (distill.add_lora: recompute as the forward ran)
         self.sp_group = None  # a process group: Ulysses sequence parallelism over its ranks (set by the caller)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -303,7 +304,8 @@ class WanModel(nn.Module):
         hidden = []
         for i, block in enumerate(self.blocks):
             if self.grad_ckpt and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, txt, img, cos, sin, k_lens, sp, use_reentrant=False)
+                x = checkpoint(block, x, e0, txt, img, cos, sin, k_lens, sp, use_reentrant=False,
+                               context_fn=self.ckpt_context)
             else:
                 x = block(x, e0, txt, img, cos, sin, k_lens, sp)
             if i in taps:

@@ -392,6 +392,48 @@ def test_ema_update():
     assert all(torch.allclose(e, p) for e, p in zip(expect, a.parameters()))
 
 
+def test_fake_score_is_an_explicit_switch_and_recomputes_as_it_ran():
+    """The fake score's LoRAs act only within distill.fake_score; with grad_ckpt, a block recomputes during the
+    backward as its forward ran, wherever the backward runs (with the old forward hook on a shared switch, a backward
+    after the switch went off recomputed the teacher: the LoRAs' gradient came out wrong)."""
+    import distill
+    cfg = tiny_cfg("t2v")
+    teacher = random_model(cfg, 0)
+    plain = random_model(cfg, 0).requires_grad_(False)
+    distill.add_lora(teacher, 4)
+    torch.manual_seed(1)
+    for n, p in teacher.named_parameters():
+        if ".lora_" in n:
+            p.data.normal_(0, 0.1)  # lora_B non-zero, so F differs from T
+    assert [n for n, p in teacher.named_parameters() if p.requires_grad] == \
+        [n for n, _ in teacher.named_parameters() if ".lora_" in n] and len(distill.lora_init(teacher)) == cfg.num_layers * 10 * 2
+    x, t, ctx, _ = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(teacher(x, t, ctx), plain(x, t, ctx))  # outside: the teacher itself
+        with distill.fake_score(teacher):
+            f = teacher(x, t, ctx)
+            with distill.fake_score(teacher, on=False):
+                assert torch.equal(teacher(x, t, ctx), plain(x, t, ctx))
+            assert torch.equal(teacher(x, t, ctx), f)  # restored on leaving the inner block
+        assert not torch.allclose(f, plain(x, t, ctx))
+
+    def lora_grad(ckpt, backward_inside):
+        teacher.grad_ckpt = ckpt
+        teacher.zero_grad(set_to_none=True)
+        with distill.fake_score(teacher):
+            loss = teacher(x, t, ctx).square().mean()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return torch.cat([p.grad.flatten() for n, p in teacher.named_parameters() if ".lora_" in n])
+
+    ref = lora_grad(False, True)
+    assert ref.abs().sum() > 0
+    for ckpt, inside in ((True, True), (True, False), (False, False)):
+        torch.testing.assert_close(lora_grad(ckpt, inside), ref, rtol=1e-5, atol=1e-7)
+
+
 def test_phase2_gradients_reach_only_the_generator_and_heads():
     """L_G reaches the generator through x0_hat; the backbone (E) gets no gradient from either loss."""
     import types
@@ -1550,6 +1592,24 @@ def test_distill_resume_equals_uninterrupted(i2v_ckpt, latents, tmp_path):
         assert fa.read() == fb.read()
 
 
+def test_dmd2_peer_trains_heads_on_the_fake_score_and_resumes_bitwise(i2v_ckpt, latents, tmp_path):
+    """The DMD2 peer (toy.py PEERS): DMD from pure noise with a GAN on the fake score's features and 2 fake-score
+    updates per generator step, Phase I alone. The heads train in Phase I, and a run stopped after step 1 resumes to
+    the same student, bit for bit (the heads' state is saved and restored in Phase I too)."""
+    args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=2", "--phase2_steps=0", "--sigma_g_min=1",
+            "--gan_weight=0.03", "--k_fake=2", "--keep_ckpts=1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run_distill(args + [f"--out={a}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = read_log(a)
+    assert all(x["phase"] == 1 and x["loss_cls"] > 0 and x["loss_gan_g"] > 0 and x["gnorm_disc"] > 0 for x in log)
+    for extra in (["--stop_after=1"], []):
+        r = run_distill(args + [f"--out={b}"] + extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(os.path.join(a, "student.safetensors"), "rb") as fa, open(os.path.join(b, "student.safetensors"), "rb") as fb:
+        assert fa.read() == fb.read()
+
+
 def test_distill_resumes_from_a_checkpoint_written_while_training(i2v_ckpt, latents, tmp_path):
     """Checkpoints written by dcp.async_save while the next steps run (every step here, 2 gloo ranks): one from the
     middle of the run, copied into a new --out, resumes to the same student, bit for bit."""
@@ -1648,18 +1708,18 @@ def shard_worker(ckpt):
     state = dict(M.WanModel.from_pretrained(ckpt).named_parameters())
     for dt in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        model, lora = distill.sharded_dit(cfg, device, None, distill.fsdp_mesh(cfg, device), dt, lora_rank=4)
+        model = distill.sharded_dit(cfg, device, None, distill.fsdp_mesh(cfg, device), dt, lora_rank=4)
         for name, p in model.named_parameters():
             full = p.full_tensor()
-            if ".lora." in name:
+            if ".lora_" in name:
                 assert p.dtype == torch.float32 and p.requires_grad, name
                 assert (full == 0).all() if name.endswith("B.weight") else full.std() > 0, name
             else:
                 assert p.dtype == dt and not p.requires_grad and torch.equal(full, state[name].to(dt)), name
         assert model.blocks[0].modulation.to_local().shape[0] == 1 - dist.get_rank()  # (1, 6, D): rank 1 holds none
-        x = [model.blocks[0].lora.self_attn_q.A.weight.full_tensor()]
+        x = [model.blocks[0].self_attn.q.lora_A.weight.full_tensor()]
         dist.broadcast(x[0], 0)
-        assert torch.equal(x[0], model.blocks[0].lora.self_attn_q.A.weight.full_tensor())  # alike on every rank
+        assert torch.equal(x[0], model.blocks[0].self_attn.q.lora_A.weight.full_tensor())  # alike on every rank
     print("SHARD OK")
     dist.destroy_process_group()
 
@@ -3109,3 +3169,67 @@ def test_every_video_extension_reads(tmp_path):
     for ext in data.VIDEO_EXTS:  # each written with its container's default codec (.wmv: MS-MPEG4, .3gp: H.263, ...)
         _d_ffmpeg(tmp_path / f"a{ext}", _d_clip(12, 96, 128), 25)  # 96x128 fits H.263; 25 fps fits MPEG-1
         assert data.read_frames(str(tmp_path / f"a{ext}"), 5).shape == (5, 96, 128, 3), ext
+
+
+# ---- issue 27's small things: an empty video folder, bench.py --help
+
+
+@pytest.fixture(scope="module")
+def config_only_ckpt(tmp_path_factory):
+    """A checkpoint folder with only its config.json: an empty video folder must be refused before any weight or
+    encoder is read."""
+    full = make_tiny_checkpoint(tmp_path_factory.mktemp("t2v"), "t2v")
+    path = tmp_path_factory.mktemp("cfg")
+    (path / "config.json").write_text(open(os.path.join(full, "config.json")).read())
+    return str(path)
+
+
+def test_empty_video_folder_is_refused_before_out_is_made(config_only_ckpt, tmp_path):
+    empty, out = tmp_path / "empty", tmp_path / "run" / "latents"
+    empty.mkdir()
+    with pytest.raises(data.NoClips) as e:  # a ValueError: what distill.py and data.py catch
+        data.precompute(config_only_ckpt, str(empty) + "/", str(out))
+    msg = str(e.value)
+    assert msg.startswith(f"no videos in {empty}/ (looked for .mp4, .mov,") and "\n" not in msg
+    assert isinstance(e.value, ValueError) and "frames" not in msg
+    assert not out.exists() and not out.parent.exists()
+    (empty / "notes.md").write_text("x")  # files that are not videos are named
+    with pytest.raises(data.NoClips, match=r"; found only notes.md: pass a folder"):
+        data.precompute(config_only_ckpt, str(empty), str(out))
+    assert not out.parent.exists()
+    # data.py's own command line: one line, no output folder
+    with pytest.raises(SystemExit) as e:
+        data.main(["--ckpt_dir", config_only_ckpt, "--videos", str(empty), "--out", str(out)])
+    assert str(e.value.code).startswith(f"data.py: error: no videos in {empty} (") and "\n" not in str(e.value.code)
+    assert not out.parent.exists()
+
+
+def test_folder_of_uncaptioned_videos_is_refused_before_out_is_made(config_only_ckpt, tmp_path):
+    videos, out = tmp_path / "v", tmp_path / "lat"
+    videos.mkdir()
+    for f in ("a.mp4", "b.mov"):
+        (videos / f).write_bytes(b"")
+    with pytest.raises(data.NoClips) as e:
+        data.precompute(config_only_ckpt, str(videos), str(out))
+    msg = str(e.value)
+    assert msg.startswith(f"no captioned videos in {videos}: 2 video(s) have no caption (a.mp4, b.mov)")
+    assert ".txt caption beside each video" in msg and not out.exists()
+    (videos / "captions.jsonl").write_text(json.dumps({"file": "a.mp4", "caption": "a cat"}) + "\n")
+    clips, uncaptioned, _ = data.list_clips(str(videos))
+    assert clips == [("a.mp4", "a cat")] and uncaptioned == ["b.mov"]  # a captioned video: not refused early
+
+
+def test_every_bench_flag_has_a_help_text_with_its_default():
+    import bench
+    p = bench.parser()
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = [p] + [sp for a in subs for sp in a.choices.values()]
+    for q in parsers:
+        for a in q._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, f"{a.option_strings or a.dest} has no help"
+            if a.help != argparse.SUPPRESS and a.default not in (None, False):
+                assert "default" in a.help, f"{a.option_strings} does not say its default {a.default!r}"
+    text = p.format_help()
+    assert all(a.help == argparse.SUPPRESS or a.help.split(" (")[0] in " ".join(text.split()) for a in p._actions)
