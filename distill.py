@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 import data as D
 from model import Discriminator, WanModel
-from sample import VAE_FILE, write_video
+from sample import VAE_FILE, lora_state, write_video
 from sample import shift_sigma as shift
 from vae import WanVAE
 
@@ -104,7 +104,7 @@ class Config:
     preview_clips: int = 2  # previews per time: the first clips of val_data, else of data
     ckpt_every: int = 100  # steps between checkpoints (one is also taken at the end and on SIGTERM or Ctrl-C)
     async_ckpt: bool = True  # write checkpoints while training goes on (a CPU copy of each rank's shards first)
-    keep_ckpts: int = 3  # the newest complete checkpoints kept
+    keep_ckpts: int = 3  # the newest complete checkpoints kept, also at the end
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint; 0 = run to the end
     export_dtype: str = "bf16"  # dtype of student.safetensors and of LoRA exports (official files are fp32)
@@ -776,43 +776,6 @@ def export_from(cfg, device, sp_group, group):
     export_student(cfg, ema, out, group)
 
 
-@torch.no_grad()
-def lora_state(teacher, student, rank, dtype=torch.bfloat16):
-    """The student as a LoRA of the teacher, {key: tensor}, in the format of ComfyUI's Wan LoRA loader and diffusers'
-    _convert_non_diffusers_wan_lora_to_diffusers: the original Wan names prefixed `diffusion_model.`.
-    - each Linear of the blocks: `.lora_down.weight` and `.lora_up.weight` from a truncated SVD of (student -
-      teacher) at rank min(rank, its sides), and `.alpha` = that rank (so the merge scale alpha / rank is 1);
-    - each other Linear (text/time embeddings, time projection, head, image projection): the exact difference as
-      a pair (the difference and an identity) without alpha: diffusers' converter reads these only as such pairs;
-    - biases as `.diff_b`, every other changed parameter (norms, modulations, patch embedding) as `.diff`.
-    A module with any changed parameter is written whole (diffusers reads head.head.diff only beside its diff_b)."""
-    sd, t_params = {}, dict(teacher.named_parameters())
-    for name, mod in student.named_modules():
-        diffs = {k: p.float() - t_params[f"{name}.{k}"].float() for k, p in mod.named_parameters(recurse=False)}
-        if not any(d.any() for d in diffs.values()):
-            continue
-        key = "diffusion_model." + name
-        for k, d in diffs.items():
-            if k == "bias":
-                sd[key + ".diff_b"] = d
-            elif k != "weight":  # a bare parameter: blocks.i.modulation, head.modulation, img_emb.emb_pos
-                sd[f"{key}.{k}.diff"] = d
-            elif not isinstance(mod, nn.Linear):
-                sd[key + ".diff"] = d
-            elif name.startswith("blocks."):
-                dev = "cuda" if torch.cuda.is_available() else "cpu"  # 480 SVDs at 14B: on a GPU when there is one
-                U, S, Vh = torch.linalg.svd(d.to(dev), full_matrices=False)
-                r = min(rank, len(S))
-                sd[key + ".lora_up.weight"] = (U[:, :r] * S[:r].sqrt()).cpu()  # (out, r)
-                sd[key + ".lora_down.weight"] = (S[:r, None].sqrt() * Vh[:r]).cpu()  # (r, in)
-                sd[key + ".alpha"] = torch.tensor(float(r))
-            else:
-                eye = torch.eye(min(d.shape))
-                up, down = (eye, d) if d.shape[0] <= d.shape[1] else (d, eye)
-                sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"] = up, down  # no alpha: scale 1
-    return {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in sd.items()}
-
-
 def export_lora(cfg):
     """--export_lora=RANK: OUT/student.safetensors as a LoRA of --teacher (lora_state) in
     OUT/student_lora_rank{RANK}.safetensors. A RANK of at least the model width is exact (full rank)."""
@@ -1026,7 +989,7 @@ def main(argv, launch=None):
             sys.exit(1 if bad >= cfg.max_bad_steps else 0)
     export_student(cfg, m.ema, os.path.join(cfg.out, "student.safetensors"), wait_group)
     if master:
-        prune(cfg.out, 1)  # the newest checkpoint alone can continue the run
+        prune(cfg.out, cfg.keep_ckpts)  # as during the run: the newest alone can continue it
     for f in (log, tb):  # closed here: under torchrun the process ends with os._exit (D.end_rank)
         if f is not None:
             f.close()

@@ -175,7 +175,7 @@ def load_dit(ckpt_dir, dtype, device, student=None, loras=()):
 
 
 # -----------------------------------------------------------------------------
-# LoRAs in the format of ComfyUI's Wan loader (distill.py --export_lora writes it): the original Wan names, with
+# LoRAs in the format of ComfyUI's Wan loader, read (lora_updates) and written (lora_state, for distill.py --export_lora): the original Wan names, with
 # or without "diffusion_model.", each module's update under one of these suffixes
 
 LORA_PARTS = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.weight": "up", ".lora_B.weight": "up",
@@ -221,6 +221,43 @@ def lora_updates(dit, path, scale=1.0):
     for _, w, f, a, b in todo:
         updates.setdefault(w, []).append((f, a, b))
     return updates
+
+
+@torch.no_grad()
+def lora_state(teacher, student, rank, dtype=torch.bfloat16):
+    """The student as a LoRA of the teacher, {key: tensor}, in the format of ComfyUI's Wan LoRA loader and diffusers'
+    _convert_non_diffusers_wan_lora_to_diffusers: the original Wan names prefixed `diffusion_model.`.
+    - each Linear of the blocks: `.lora_down.weight` and `.lora_up.weight` from a truncated SVD of (student -
+      teacher) at rank min(rank, its sides), and `.alpha` = that rank (so the merge scale alpha / rank is 1);
+    - each other Linear (text/time embeddings, time projection, head, image projection): the exact difference as
+      a pair (the difference and an identity) without alpha: diffusers' converter reads these only as such pairs;
+    - biases as `.diff_b`, every other changed parameter (norms, modulations, patch embedding) as `.diff`.
+    A module with any changed parameter is written whole (diffusers reads head.head.diff only beside its diff_b)."""
+    sd, t_params = {}, dict(teacher.named_parameters())
+    for name, mod in student.named_modules():
+        diffs = {k: p.float() - t_params[f"{name}.{k}"].float() for k, p in mod.named_parameters(recurse=False)}
+        if not any(d.any() for d in diffs.values()):
+            continue
+        key = "diffusion_model." + name
+        for k, d in diffs.items():
+            if k == "bias":
+                sd[key + ".diff_b"] = d
+            elif k != "weight":  # a bare parameter: blocks.i.modulation, head.modulation, img_emb.emb_pos
+                sd[f"{key}.{k}.diff"] = d
+            elif not isinstance(mod, nn.Linear):
+                sd[key + ".diff"] = d
+            elif name.startswith("blocks."):
+                dev = "cuda" if torch.cuda.is_available() else "cpu"  # 480 SVDs at 14B: on a GPU when there is one
+                U, S, Vh = torch.linalg.svd(d.to(dev), full_matrices=False)
+                r = min(rank, len(S))
+                sd[key + ".lora_up.weight"] = (U[:, :r] * S[:r].sqrt()).cpu()  # (out, r)
+                sd[key + ".lora_down.weight"] = (S[:r, None].sqrt() * Vh[:r]).cpu()  # (r, in)
+                sd[key + ".alpha"] = torch.tensor(float(r))
+            else:
+                eye = torch.eye(min(d.shape))
+                up, down = (eye, d) if d.shape[0] <= d.shape[1] else (d, eye)
+                sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"] = up, down  # no alpha: scale 1
+    return {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in sd.items()}
 
 
 def with_updates(w, updates):

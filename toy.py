@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import imageio.v2 as imageio
 import numpy as np
@@ -73,6 +74,24 @@ RUNS = {"full": [], "no_phase1": ["--phase1_steps=0"],
         "no_phase2": ["--phase2_steps=0"],  # Phase I alone: the EMA at the end of the seed's shared Phase I, exported
         "teacher_backbone": ["--disc_backbone=teacher"], "no_semantic": ["--semantic=false"],
         "no_csds": ["--lambda_csds=0"], "no_adv": ["--lambda_adv=0"]}
+# --peers: the methods a user would pick instead, each over V-PAE's whole budget of generator steps (phase1 + phase2),
+# on top of RECIPE (its lrs, sizes, shifts and guidance, chosen for the toy), with their own papers' choices:
+PEERS = {
+    "dmd": lambda n: [f"--phase1_steps={n}", "--phase2_steps=0", "--sigma_g_min=1", "--k_fake=5"],  # DMD from pure
+    # noise, 5 fake-score updates per generator step (LightX2V, FastVideo, Self-Forcing)
+    "dmd2": lambda n: PEERS["dmd"](n) + ["--gan_weight=0.03"],  # DMD2: plus a GAN whose heads read the fake score
+    # (FastGen's Wan recipe: weight 0.03, lr 1e-5 for all three networks, here the recipe's lrs)
+    "adv_only": lambda n: ["--phase1_steps=0", f"--phase2_steps={n}", "--lambda_csds=0", "--disc_backbone=teacher",
+                           "--r1_sigma_t=0"],  # APT-style: the adversarial term and R1 only, D on the teacher
+}
+PEER_NAMES = {"dmd": "DMD", "dmd2": "DMD2", "adv_only": "adversarial only (APT-style)"}
+PEER_RECIPE = {"dmd": [], "dmd2": [], "adv_only": ["--lambda_r1=0.01"]}  # each peer's settings chosen on validation
+# (--peer-sweep); adv_only's R1: APT's weight 100 on |D(x) - D(x + delta)|^2 at sigma 0.01, in STR1's normalisation
+PEER_SWEEP = {  # --peer-sweep: (peer, arguments over PEERS' own), judged on the validation split
+    "dmd": ("dmd", []), "dmd_k1": ("dmd", ["--k_fake=1"]), "dmd_lr3e-5": ("dmd", ["--lr_phase1=3e-5"]),
+    "dmd2": ("dmd2", []), "dmd2_gan0.1": ("dmd2", ["--gan_weight=0.1"]),
+    "adv_only": ("adv_only", ["--lambda_r1=0.01"]), "adv_only_r1_1": ("adv_only", ["--lambda_r1=1"]),
+}
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
     ("teacher, 1 step + CFG", "teacher", "cfg", 1, 2), ("teacher, 1 step, no CFG", "teacher", "x0", 1, 1),
@@ -540,7 +559,9 @@ def disc_caption(ckpt, distill_dir, latents, sigma=0.25):
         c = argparse.Namespace(**json.load(open(os.path.join(ck, "config.json"))))  # a run's fields, as it wrote them
         heads = Discriminator(teacher.cfg.dim, D.tap_blocks(teacher.cfg.num_layers, c.disc_taps), c.disc_width,
                               c.disc_queries, c.semantic)
-        dcp.load({"disc": heads.state_dict()}, checkpoint_id=ck, no_dist=True)  # in place, into the heads' tensors
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"disc": heads.state_dict()}, checkpoint_id=ck, no_dist=True)  # in place, into the heads' tensors
         backbone = teacher if c.disc_backbone == "teacher" else sample.load_dit(ckpt, torch.float32, "cpu", student)
         m = argparse.Namespace(backbone=backbone, disc=heads)
         with torch.no_grad():
@@ -606,6 +627,11 @@ def checks(results):
     for row in (r for r in results if r.startswith("ablation") and r != c):
         worse = [k for k in METRICS if better(results, s1, row, k)]
         out.append((f"{row} worse than V-PAE on at least one metric ({', '.join(worse) or 'none'})", bool(worse)))
+    for row in (r for r in results if r.startswith(tuple(PEER_NAMES.values()))):
+        ahead = [k for k in METRICS if better(results, s1, row, k)]
+        behind = [k for k in METRICS if better(results, row, s1, k)]
+        out.append((f"V-PAE beats {row} on at least one metric and is behind on none (ahead: {', '.join(ahead) or '-'}; "
+                    f"behind: {', '.join(behind) or '-'})", bool(ahead) and not behind))
     if t100 in results:
         for k in ("motion", "in_range"):
             out.append((f"student {k} at least 0.9x the 100-NFE teacher's ({m(s1, k):.2f} vs {m(t100, k):.2f})",
@@ -711,11 +737,14 @@ def report(results, times, argv, out, distill_dir, name="results", drift=(), cap
               " | ".join(f"{v['acc'].get(s, float('nan')):.2f}" for s in sig) +
               f" | {v['grad_ratio']:.3f} | {v['caption_acc']:.2f} | {'D AT CHANCE' if v['at_chance'] else ''} |"
               for run, v in health.items()]
+    if any(v["at_chance"] for v in health.values()):
+        lines += ["", f"D AT CHANCE: the run's best held-out accuracy at the end of Phase II is below {CHANCE}: its D no "
+                  "longer tells real clips from generated ones it has not trained on (see EXPERIMENTS.md)"]
     text = "\n".join(lines) + "\n"
     data.write_text(text, os.path.join(out, name + ".md"))
     data.write_json({"argv": argv, "machine": info, "times_s": times, "results": results, "checks": held,
                      "disc_health": health}, os.path.join(out, name + ".json"))
-    print(text)
+    print(text + f"wrote {os.path.join(out, name)}.md and .json")
     return held
 
 
@@ -825,6 +854,30 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
 }
 
 
+def training_seconds(*logs):
+    """{step: seconds of training up to it} from a run's log.jsonl files in order (the shared Phase I's, then its own):
+    each line's step_s is the mean over the steps since the line before. Evaluations and checkpoints are not counted."""
+    out, prev, total = {}, 0, 0.0
+    for path in logs:
+        for e in map(json.loads, open(path)):
+            total += e["step_s"] * (e["step"] - prev)
+            out[e["step"]], prev = total, e["step"]
+    return out
+
+
+def equal_time_student(run, *vpae_logs):
+    """The peer run's EMA at the last checkpoint it reached within V-PAE's training time (the runs of one seed, two
+    one-thread runs at a time alike), exported once as run/student_<step>.safetensors. Returns (file, step)."""
+    budget, secs = training_seconds(*vpae_logs)[max(training_seconds(*vpae_logs))], training_seconds(
+        os.path.join(run, "log.jsonl"))
+    step = max(s for s in [int(c[5:]) for c in D.ckpts(run)] if secs[s] <= budget)
+    f = os.path.join(run, f"student_{step:08d}.safetensors")
+    if not os.path.isfile(f):
+        with contextlib.redirect_stdout(io.StringIO()):
+            D.main([f"--export_from={os.path.join(run, f'ckpt_{step:08d}')}", "--export_dtype=fp32"])
+    return f, step
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -838,6 +891,11 @@ def main(argv=None):
                    " run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the eval split")
     p.add_argument("--csds-pull", metavar="STUDENT", help="instead of the table: the C-SDS targets of this student "
                    "file at each sigma' and w, scored on the validation split, into csds_pull.md")
+    p.add_argument("--peers", nargs="?", const=",".join(PEERS), metavar="NAMES", help="instead of the table: V-PAE "
+                   f"beside the peer methods ({', '.join(PEERS)}; default all) on the eval split, at equal generator "
+                   "steps and at equal training time")
+    p.add_argument("--peer-sweep", nargs="?", const=",".join(PEER_SWEEP), metavar="NAMES", help="instead of the "
+                   "table: the PEER_SWEEP candidates (all, or these) on the validation split, ranked per peer")
     p.add_argument("--runs", default=",".join(RUNS), metavar="NAMES", help="the table's distilled runs (default all: "
                    f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
@@ -849,6 +907,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.sweep and not set(args.sweep.split(",")) <= set(SWEEP):
         p.error(f"--sweep {args.sweep}: the candidates are {', '.join(SWEEP)}")
+    for flag, names, known in (("--peers", args.peers, PEERS), ("--peer-sweep", args.peer_sweep, PEER_SWEEP)):
+        if names and not set(names.split(",")) <= set(known):
+            p.error(f"{flag} {names}: a comma-separated subset of {', '.join(known)}")
     if "full" not in args.runs.split(",") or not set(args.runs.split(",")) <= set(RUNS):
         p.error(f"--runs {args.runs}: a comma-separated subset of {', '.join(RUNS)} that includes full")
     cfg = dict(QUICK if args.quick else FULL)
@@ -931,7 +992,15 @@ def main(argv=None):
     runs = {"full": []} if args.quick else {"full": [], **{f"sweep_{k}": SWEEP[k] for k in args.sweep.split(",")}} \
         if args.sweep else {k: RUNS[k] for k in args.runs.split(",")}  # a sweep is judged against the default: the
     # table's own "full" runs, reused
-    d, jobs = os.path.join(out, "sweep" if args.sweep else "distill"), 1 if args.quick else args.jobs
+    n_gen = cfg["phase1"] + cfg["phase2"]  # V-PAE's generator steps: each peer's budget
+    if args.peers:  # every 100 steps a checkpoint, for the students at equal training time
+        runs = {"full": [], **{f"peer_{k}": PEERS[k](n_gen) + PEER_RECIPE[k] + ["--ckpt_every=100", "--keep_ckpts=1000"]
+                               for k in args.peers.split(",")}}
+    if args.peer_sweep:
+        runs = {f"psweep_{k}": PEERS[p](n_gen) + extra for k, (p, extra) in
+                ((k, PEER_SWEEP[k]) for k in args.peer_sweep.split(","))}
+    d = os.path.join(out, "sweep" if args.sweep else "peers" if args.peers or args.peer_sweep else "distill")
+    jobs = 1 if args.quick else args.jobs
     where = lambda k: os.path.join(out, "distill") if k == "full" else d  # noqa: E731
 
     def pool(todo):
@@ -955,16 +1024,37 @@ def main(argv=None):
 
     logf = lambda name: os.path.join(out, "logs", f"distill_{name}.log")  # noqa: E731
     shared = {t: os.path.join(out, "phase1", f"s{t}", f"ckpt_{cfg['phase1']:08d}") for t in cfg["train_seeds"]}
-    if not args.quick:  # Phase I: once per training seed, shared by the runs of that seed
+    if not args.quick and not args.peer_sweep:  # Phase I: once per training seed, shared by the runs of that seed
         pool({f"distill phase1 s{t}": (p, (ckpt, train_lat, val_lat, os.path.dirname(p), steps + [f"--seed={t}"],
                                            logf(f"phase1_s{t}"), None, cfg["phase1"])) for t, p in shared.items()})
     pool({f"distill {k} s{t}": (os.path.join(where(k), f"{k}_s{t}", "student.safetensors"),
                                 (ckpt, train_lat, val_lat, os.path.join(where(k), f"{k}_s{t}"), steps + extra + [f"--seed={t}"],
-                                 logf(f"{k}_s{t}"), None if args.quick or "--phase1_steps=0" in extra else p, None))
+                                 logf(f"{k}_s{t}"), None if args.quick or "--phase1_steps=0" in extra or
+                                 k.startswith(("peer_", "psweep_")) else p, None))
           for t, p in shared.items() for k, extra in runs.items()})
 
     t0 = time.time()
     students = {k: [os.path.join(where(k), f"{k}_s{t}", "student.safetensors") for t in cfg["train_seeds"]] for k in runs}
+    if args.peer_sweep:  # each candidate's student on the validation split, ranked among its peer's candidates
+        rows = [r for r in ROWS if r[0] in ("teacher, 50 steps + CFG", "teacher, 1 step, no CFG")]  # for scale
+        rows += [(f"{k}, 1 step", k, "x0", 1, 1) for k in runs]
+        results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
+        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
+        report(results, times, argv, out, None, "peer_sweep")
+        return results
+    if args.peers:  # the table: V-PAE and each peer at equal generator steps, and each peer at V-PAE's training time
+        rows = [r for r in ROWS if r[1] in ("teacher", "full")] + [
+            (f"{PEER_NAMES[k[5:]]}, {n_gen} steps, 1 step", k, "x0", 1, 1) for k in runs if k != "full"]
+        for k in [k for k in runs if k != "full"]:
+            at = [equal_time_student(os.path.join(d, f"{k}_s{t}"), os.path.join(out, "phase1", f"s{t}", "log.jsonl"),
+                                     os.path.join(out, "distill", f"full_s{t}", "log.jsonl")) for t in cfg["train_seeds"]]
+            students[k + "@time"] = [f for f, _ in at]
+            rows.append((f"{PEER_NAMES[k[5:]]}, V-PAE's time ({'/'.join(str(s) for _, s in at)} steps), 1 step",
+                         k + "@time", "x0", 1, 1))
+        results, _ = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, students, cfg, log, rows)
+        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
+        report(results, times, argv, out, None, "peers")
+        return results
     if args.sweep:  # the student of each candidate, on the validation split only
         rows = [r for r in ROWS if r[0] in ("teacher, 50 steps + CFG", "teacher, 1 step + CFG")]  # for scale
         rows += [(f"{k}, 1 step", k, "x0", 1, 1) for k in runs]
