@@ -997,8 +997,8 @@ def main(argv=None):
         runs = {"full": [], **{f"peer_{k}": PEERS[k](n_gen) + PEER_RECIPE[k] + ["--ckpt_every=100", "--keep_ckpts=1000"]
                                for k in args.peers.split(",")}}
     if args.peer_sweep:
-        runs = {f"psweep_{k}": PEERS[p](n_gen) + extra for k, (p, extra) in
-                ((k, PEER_SWEEP[k]) for k in args.peer_sweep.split(","))}
+        runs = {"full": [], **{f"psweep_{k}": PEERS[p](n_gen) + extra + ["--ckpt_every=100", "--keep_ckpts=1000"]
+                               for k, (p, extra) in ((k, PEER_SWEEP[k]) for k in args.peer_sweep.split(","))}}
     d = os.path.join(out, "sweep" if args.sweep else "peers" if args.peers or args.peer_sweep else "distill")
     jobs = 1 if args.quick else args.jobs
     where = lambda k: os.path.join(out, "distill") if k == "full" else d  # noqa: E731
@@ -1024,7 +1024,7 @@ def main(argv=None):
 
     logf = lambda name: os.path.join(out, "logs", f"distill_{name}.log")  # noqa: E731
     shared = {t: os.path.join(out, "phase1", f"s{t}", f"ckpt_{cfg['phase1']:08d}") for t in cfg["train_seeds"]}
-    if not args.quick and not args.peer_sweep:  # Phase I: once per training seed, shared by the runs of that seed
+    if not args.quick:  # Phase I: once per training seed, shared by the runs of that seed
         pool({f"distill phase1 s{t}": (p, (ckpt, train_lat, val_lat, os.path.dirname(p), steps + [f"--seed={t}"],
                                            logf(f"phase1_s{t}"), None, cfg["phase1"])) for t, p in shared.items()})
     pool({f"distill {k} s{t}": (os.path.join(where(k), f"{k}_s{t}", "student.safetensors"),
