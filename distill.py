@@ -5,13 +5,16 @@
   python distill.py --export_lora=64 --teacher=... --out=run/     # run/student.safetensors as a rank-64 LoRA
   python distill.py --export_from=run/ckpt_00000500                # that checkpoint's EMA as run/student_00000500.safetensors
 
-Phase I (stability priming): a DMD gradient pulls the one-step output towards the CFG teacher, against a
-LoRA "fake" score that tracks the generator. Phase II (unified adversarial equilibrium): a hinge GAN whose
-discriminator is a few heads reading the hidden states of a frozen backbone that is the generator's own EMA,
-plus a conditional score-distillation term (C-SDS) to the CFG teacher. FSDP2 shards every model over all ranks
-(or HSDP within groups of them), Ulysses sequence parallelism splits the tokens of one clip over `sp` ranks, and
-torch.distributed.checkpoint writes checkpoints that resume on any number of ranks. Every choice the paper leaves open is a field below: [paper] marks the paper's
-values, [choice] the closest prior work's (APT, DMD2, ADD/LADD), [ours] this project's.
+Phase I (stability priming): a DMD gradient pulls the one-step output towards the CFG teacher, against a LoRA
+"fake" score that tracks the generator. Phase II (unified adversarial equilibrium): a hinge GAN whose discriminator
+is a few heads reading the hidden states of a frozen backbone, the generator's own EMA, plus a conditional
+score-distillation term (C-SDS) towards the CFG teacher. The same loops run the peers users would pick instead
+(toy.py PEERS): DMD and DMD2 are Phase I alone, from pure noise; adversarial-only is Phase II without C-SDS.
+
+FSDP2 shards every model over all ranks (or HSDP within groups of them), Ulysses sequence parallelism splits one
+clip's tokens over `sp` ranks, and torch.distributed.checkpoint writes checkpoints that resume on any number of
+ranks. Config lists the paper's fields first, each marked [paper] or [choice] (the paper is silent: the closest
+prior work's), then this project's additions, then the infrastructure.
 """
 import contextlib
 import dataclasses
@@ -108,7 +111,7 @@ class Config:
     max_bad_steps: int = 20  # stop after this many non-finite losses (each skips its step)
     stop_after: int = 0  # end this invocation after this many steps, with a checkpoint; 0 = run to the end
     export_dtype: str = "bf16"  # dtype of student.safetensors and of LoRA exports (official files are fp32)
-    export_lora: int = 0  # RANK > 0: no training; write OUT/student.safetensors as OUT/student_lora_rank<RANK>.safetensors
+    export_lora: int = 0  # RANK > 0: no training; OUT/student.safetensors (kept) as a LoRA, OUT/student_lora_rank<RANK>.safetensors
     export_from: str = ""  # OUT/ckpt_N: no training; write that checkpoint's EMA as OUT/student_N.safetensors
 
 

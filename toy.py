@@ -871,11 +871,17 @@ def equal_time_student(run, *vpae_logs):
     budget, secs = training_seconds(*vpae_logs)[max(training_seconds(*vpae_logs))], training_seconds(
         os.path.join(run, "log.jsonl"))
     step = max(s for s in [int(c[5:]) for c in D.ckpts(run)] if secs[s] <= budget)
+    return exported(run, step), step
+
+
+def exported(run, step):
+    """The EMA of the run's checkpoint at `step`, exported once as run/student_<step>.safetensors (distill.py
+    --export_from)."""
     f = os.path.join(run, f"student_{step:08d}.safetensors")
     if not os.path.isfile(f):
         with contextlib.redirect_stdout(io.StringIO()):
             D.main([f"--export_from={os.path.join(run, f'ckpt_{step:08d}')}", "--export_dtype=fp32"])
-    return f, step
+    return f
 
 
 def main(argv=None):
@@ -896,6 +902,8 @@ def main(argv=None):
                    "steps and at equal training time")
     p.add_argument("--peer-sweep", nargs="?", const=",".join(PEER_SWEEP), metavar="NAMES", help="instead of the "
                    "table: the PEER_SWEEP candidates (all, or these) on the validation split, ranked per peer")
+    p.add_argument("--trajectory", metavar="RUNS", help="instead of the table: every checkpoint of these run folders "
+                   "(comma-separated, under --out) on the validation split, each checkpoint's EMA exported once")
     p.add_argument("--runs", default=",".join(RUNS), metavar="NAMES", help="the table's distilled runs (default all: "
                    f"{','.join(RUNS)}); the rows of the others are left out")
     p.add_argument("--seeds", type=int, help="training seeds per distilled row (default 3; --quick 1)")
@@ -979,6 +987,18 @@ def main(argv=None):
         data.write_text(f"`python toy.py {' '.join(argv)}`: {i['cpus']} CPU cores ({i['cpu']}), torch {i['torch']}, "
                         f"commit {i['commit']}\n\n{table}\n", os.path.join(out, "csds_pull.md"))
         return table
+    if args.trajectory:
+        t0, students, rows = time.time(), {}, [r for r in ROWS if r[0] in ("teacher, 50 steps + CFG",
+                                                                            "teacher, 1 step, no CFG")]
+        for run in args.trajectory.split(","):
+            path = os.path.join(out, run)
+            for c in D.ckpts(path) or sys.exit(f"toy.py --trajectory: no checkpoint in {path}"):
+                students[f"{run}@{c[5:]}"] = [exported(path, int(c[5:]))]
+                rows.append((f"{run} at step {int(c[5:])}, 1 step", f"{run}@{c[5:]}", "x0", 1, 1))
+        results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
+        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
+        report(results, times, argv, out, None, "trajectory")
+        return results
     if args.lora_table:
         t0 = time.time()
         runs, rows = lora_table(ckpt, students, out, log)
