@@ -1960,11 +1960,15 @@ def test_toy_inflated_vae_works_frame_by_frame():
             assert (y[:, :, 4 * k - 3:4 * k + 1] - y[:, :, 4 * k:4 * k + 1]).abs().max() < 1e-5
 
 
-def test_toy_quick_benchmark(tmp_path):
+def test_toy_quick_benchmark(tmp_path, capsys):
     # about 2 minutes on 2 CPU cores: 120 distillation steps of the bundled teacher, then the evaluation;
     # toy.main exits non-zero when the one-step student does not beat the one-step teacher on FD
     import toy
-    results = toy.main(["--quick", "--out", str(tmp_path / "quick")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = toy.main(["--quick", "--out", str(tmp_path / "quick")])
+    assert not [w for w in caught if "single process" in str(w.message)]  # dcp's, once in the middle of the table
+    assert f"wrote {tmp_path / 'quick' / 'results'}.md and .json" in capsys.readouterr().out
     assert np.mean(results["V-PAE student, 1 step"]["fd"]) < np.mean(results["teacher, 1 step, no CFG"]["fd"])
     assert os.path.isfile(tmp_path / "quick" / "results.md") and os.path.isfile(tmp_path / "quick" / "strip.png")
     health = json.loads((tmp_path / "quick" / "results.json").read_text())["disc_health"]["full_s0"]
@@ -2501,7 +2505,9 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
 @pytest.mark.parametrize("argv,msg", [(["--phase2", "0"], "--phase2 0: give a positive step count"),
                                       (["--runs", "no_adv"], "--runs no_adv: a comma-separated subset"),
                                       (["--sweep", "nope"], "--sweep nope: the candidates are"),
-                                      (["--seeds", "0"], "--seeds 0: give 1 or more")])
+                                      (["--seeds", "0"], "--seeds 0: give 1 or more"),
+                                      (["--peers", "dmd,nope"], "--peers dmd,nope: a comma-separated subset of dmd,"),
+                                      (["--peer-sweep", "nope"], "--peer-sweep nope: a comma-separated subset")])
 def test_toy_bad_arguments_stop_with_one_line_before_any_work(argv, msg, tmp_path, capsys):
     import toy
     with pytest.raises(SystemExit):
@@ -2526,6 +2532,32 @@ def test_toy_starts_from_the_bundled_teacher(tmp_path):
     os.remove(ckpt / "diffusion_pytorch_model.safetensors")
     with pytest.raises(SystemExit, match="holds a VAE trained here but no teacher yet: add --train-teacher"):
         toy.main(["--out", str(tmp_path)])
+
+
+def test_toy_peers_are_distill_configurations_and_equal_time_counts_training_seconds(tmp_path):
+    """Each peer of toy.py --peers is a distill.py configuration over V-PAE's budget of generator steps; the equal-time
+    student is the last checkpoint within V-PAE's training seconds (summed from log.jsonl's per-interval means)."""
+    import distill
+    import toy
+    for name, argv in toy.PEERS.items():
+        c = distill.parse_args(toy.RECIPE + argv(1200) + toy.PEER_RECIPE[name])
+        assert c.phase1_steps + c.phase2_steps == 1200
+        assert (c.phase2_steps == 0 and c.sigma_g_min == 1 and c.k_fake == 5) if name.startswith("dmd") else \
+            (c.phase1_steps == 0 and c.lambda_csds == 0 and c.disc_backbone == "teacher")
+        assert (c.gan_weight > 0) == (name == "dmd2")
+    logs = []
+    for i, lines in enumerate([[(20, 1.0), (40, 2.0)], [(60, 0.5), (100, 1.5)]]):
+        logs.append(str(tmp_path / f"log{i}.jsonl"))
+        with open(logs[-1], "w") as f:
+            f.writelines(json.dumps({"step": s, "step_s": v}) + "\n" for s, v in lines)
+    assert toy.training_seconds(*logs) == {20: 20.0, 40: 60.0, 60: 70.0, 100: 130.0}
+    run = tmp_path / "peer"
+    for s in (100, 200, 300):
+        (run / f"ckpt_{s:08d}").mkdir(parents=True)
+        (run / f"student_{s:08d}.safetensors").write_bytes(b"")  # as if exported before
+    with open(run / "log.jsonl", "w") as f:
+        f.writelines(json.dumps({"step": s, "step_s": 0.6}) + "\n" for s in (100, 200, 300))
+    assert toy.equal_time_student(str(run), *logs) == (str(run / "student_00000200.safetensors"), 200)  # 120 <= 130 s
 
 
 def test_toy_will_not_reuse_a_finished_run_of_another_phase2_length(tmp_path):

@@ -91,6 +91,9 @@ PEER_SWEEP = {  # --peer-sweep: (peer, arguments over PEERS' own), judged on the
     "dmd": ("dmd", []), "dmd_k1": ("dmd", ["--k_fake=1"]), "dmd_lr3e-5": ("dmd", ["--lr_phase1=3e-5"]),
     "dmd2": ("dmd2", []), "dmd2_gan0.1": ("dmd2", ["--gan_weight=0.1"]),
     "adv_only": ("adv_only", ["--lambda_r1=0.01"]), "adv_only_r1_1": ("adv_only", ["--lambda_r1=1"]),
+    # the fake score's lr: at 1e-4 its own denoising loss rose to 4 in Phase I, 6x the teacher's on the same samples
+    "dmd_fake1e-5": ("dmd", ["--lr_fake=1e-5"]), "dmd_k1_fake1e-5": ("dmd", ["--k_fake=1", "--lr_fake=1e-5"]),
+    "vpae_fake1e-5": ("full", ["--lr_fake=1e-5"]),  # V-PAE with that Phase I ("full": V-PAE, with its own Phase I)
 }
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
@@ -1017,7 +1020,8 @@ def main(argv=None):
         runs = {"full": [], **{f"peer_{k}": PEERS[k](n_gen) + PEER_RECIPE[k] + ["--ckpt_every=100", "--keep_ckpts=1000"]
                                for k in args.peers.split(",")}}
     if args.peer_sweep:
-        runs = {"full": [], **{f"psweep_{k}": PEERS[p](n_gen) + extra + ["--ckpt_every=100", "--keep_ckpts=1000"]
+        runs = {"full": [], **{f"psweep_{k}": PEERS.get(p, lambda n: [])(n_gen) + extra + ["--ckpt_every=100",
+                                                                                            "--keep_ckpts=1000"]
                                for k, (p, extra) in ((k, PEER_SWEEP[k]) for k in args.peer_sweep.split(","))}}
     d = os.path.join(out, "sweep" if args.sweep else "peers" if args.peers or args.peer_sweep else "distill")
     jobs = 1 if args.quick else args.jobs
