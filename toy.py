@@ -857,24 +857,33 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
 }
 
 
-def training_seconds(*logs):
-    """{step: seconds of training up to it} from a run's log.jsonl files in order (the shared Phase I's, then its own):
-    each line's step_s is the mean over the steps since the line before. Evaluations and checkpoints are not counted."""
-    out, prev, total = {}, 0, 0.0
-    for path in logs:
-        for e in map(json.loads, open(path)):
-            total += e["step_s"] * (e["step"] - prev)
-            out[e["step"]], prev = total, e["step"]
-    return out
+def step_seconds(ckpt, latents, out, names, cores, log):
+    """Seconds per step of V-PAE's Phase I and Phase II and of each peer in `names`, measured alike for the
+    equal-time rows: 20 steps of each, two one-thread runs at a time as the table's runs are, nothing else running,
+    the last 10 steps timed (the first 10 warm up). Written to out/step_seconds.json once, then read from it."""
+    path = os.path.join(out, "step_seconds.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    argv = {"vpae": ["--phase1_steps=20", "--phase2_steps=20"], **{k: PEERS[k](20) + PEER_RECIPE[k] for k in names}}
+    jobs = [(ckpt, latents, "", os.path.join(out, "timing", k), a + ["--log_every=10"],
+             os.path.join(out, "logs", f"timing_{k}.log"), None, None, max(1, cores // 2)) for k, a in argv.items()]
+    shutil.rmtree(os.path.join(out, "timing"), ignore_errors=True)
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
+        list(ex.map(distill_job, jobs))
+    secs = {}
+    for k in argv:
+        lines = {e["step"]: e["step_s"] for e in map(json.loads, open(os.path.join(out, "timing", k, "log.jsonl")))}
+        secs |= {"vpae_phase1": lines[20], "vpae_phase2": lines[40]} if k == "vpae" else {k: lines[20]}
+    log("seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in secs.items()))
+    data.write_json(secs, path)
+    return secs
 
 
-def equal_time_student(run, *vpae_logs):
-    """The peer run's EMA at the last checkpoint it reached within V-PAE's training time (the runs of one seed, two
-    one-thread runs at a time alike), exported once as run/student_<step>.safetensors. Returns (file, step)."""
-    budget, secs = training_seconds(*vpae_logs)[max(training_seconds(*vpae_logs))], training_seconds(
-        os.path.join(run, "log.jsonl"))
-    step = max(s for s in [int(c[5:]) for c in D.ckpts(run)] if secs[s] <= budget)
-    return exported(run, step), step
+def equal_time_step(secs, peer, phase1, phase2, every=100):
+    """The peer's last checkpoint step (a multiple of `every`) within V-PAE's training time at phase1 + phase2 steps,
+    at most phase1 + phase2 (the peer's budget of steps: a faster peer is not run longer)."""
+    budget = phase1 * secs["vpae_phase1"] + phase2 * secs["vpae_phase2"]
+    return min(phase1 + phase2, int(budget / secs[peer]) // every * every)
 
 
 def exported(run, step):
@@ -1069,12 +1078,11 @@ def main(argv=None):
     if args.peers:  # the table: V-PAE and each peer at equal generator steps, and each peer at V-PAE's training time
         rows = [r for r in ROWS if r[1] in ("teacher", "full")] + [
             (f"{PEER_NAMES[k[5:]]}, {n_gen} steps, 1 step", k, "x0", 1, 1) for k in runs if k != "full"]
+        secs = step_seconds(ckpt, train_lat, out, [k[5:] for k in runs if k != "full"], torch.get_num_threads(), log)
         for k in [k for k in runs if k != "full"]:
-            at = [equal_time_student(os.path.join(d, f"{k}_s{t}"), os.path.join(out, "phase1", f"s{t}", "log.jsonl"),
-                                     os.path.join(out, "distill", f"full_s{t}", "log.jsonl")) for t in cfg["train_seeds"]]
-            students[k + "@time"] = [f for f, _ in at]
-            rows.append((f"{PEER_NAMES[k[5:]]}, V-PAE's time ({'/'.join(str(s) for _, s in at)} steps), 1 step",
-                         k + "@time", "x0", 1, 1))
+            n = equal_time_step(secs, k[5:], cfg["phase1"], cfg["phase2"])
+            students[k + "@time"] = [exported(os.path.join(d, f"{k}_s{t}"), n) for t in cfg["train_seeds"]]
+            rows.append((f"{PEER_NAMES[k[5:]]}, V-PAE's time ({n} steps), 1 step", k + "@time", "x0", 1, 1))
         results, _ = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, students, cfg, log, rows)
         times["eval"], times["total"] = time.time() - t0, time.time() - t_all
         report(results, times, argv, out, None, "peers")
