@@ -94,6 +94,9 @@ PEER_SWEEP = {  # --peer-sweep: (peer, arguments over PEERS' own), judged on the
     # the fake score's lr: at 1e-4 its own denoising loss rose to 4 in Phase I, 6x the teacher's on the same samples
     "dmd_fake1e-5": ("dmd", ["--lr_fake=1e-5"]), "dmd_k1_fake1e-5": ("dmd", ["--k_fake=1", "--lr_fake=1e-5"]),
     "vpae_fake1e-5": ("full", ["--lr_fake=1e-5"]),  # V-PAE with that Phase I ("full": V-PAE, with its own Phase I)
+    # the generator's lr: at a fake-score lr of 1e-5 too, the fake score's loss rose to 2 in 60 steps (the teacher's on
+    # real clips: 0.19), so G's own samples leave what the teacher can denoise
+    "dmd_lr3e-6": ("dmd", ["--lr_phase1=3e-6"]), "vpae_p1lr3e-6": ("full", ["--lr_phase1=3e-6"]),
 }
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
