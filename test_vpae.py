@@ -2549,6 +2549,14 @@ def test_toy_peers_are_distill_configurations_and_equal_time_counts_training_sec
     assert toy.equal_time_step(secs, "dmd", 200, 400) == 300 and toy.equal_time_step(secs, "adv_only", 200, 400) == 600
 
 
+def test_toy_peer_choice_ranks_each_peers_candidates_over_every_metric():
+    import toy
+    res = {f"psweep_{k}, 1 step": {"nfe": 1, **{m: [[v]] for m in toy.METRICS}}
+           for k, v in [("dmd", 10.0), ("dmd_k1", 12.0), ("dmd_lr3e-5", 11.0), ("dmd2", 9.0)]}
+    res["psweep_dmd_k1, 1 step"]["w1"] = [[1.0]]  # worst FD, best on every other metric
+    assert toy.peer_choice(res) == ["- dmd: dmd_k1 1.33; dmd_lr3e-5 2.17; dmd 2.50 (mean rank; chosen: dmd_k1)"]
+
+
 def test_toy_will_not_reuse_a_finished_run_of_another_phase2_length(tmp_path):
     """A finished run left in --out by another --phase2 stops toy.py with one line, before any work."""
     import toy

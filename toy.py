@@ -899,6 +899,23 @@ def exported(run, step):
     return f
 
 
+def peer_choice(results):
+    """--peer-sweep's rule, fixed before its runs: among each peer's candidates, the one with the best mean rank over
+    the six metrics on the validation split (means over seeds), ties to the lower FD. Returns lines to print."""
+    lines = []
+    for peer in dict.fromkeys(p for p, _ in PEER_SWEEP.values()):
+        rows = [f"psweep_{k}, 1 step" for k, (p, _) in PEER_SWEEP.items() if p == peer and f"psweep_{k}, 1 step" in results]
+        if len(rows) < 2:
+            continue
+        mean = {r: {k: per_seed(results, r, k).mean() for k in METRICS} for r in rows}
+        rank = {r: np.mean([1 + sum(METRICS[k][2] * (mean[o][k] - mean[r][k]) > 0 for o in rows) for k in METRICS])
+                for r in rows}
+        order = sorted(rows, key=lambda r: (rank[r], mean[r]["fd"]))
+        lines.append(f"- {peer}: " + "; ".join(f"{r.split(', ')[0][7:]} {rank[r]:.2f}" for r in order) +
+                     f" (mean rank; chosen: {order[0].split(', ')[0][7:]})")
+    return lines
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1077,6 +1094,10 @@ def main(argv=None):
         results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
         times["eval"], times["total"] = time.time() - t0, time.time() - t_all
         report(results, times, argv, out, None, "peer_sweep")
+        choice = "\n".join(["Each peer's candidates by mean rank over the six metrics (peer_choice):"] + peer_choice(results))
+        print(choice)
+        with open(os.path.join(out, "peer_sweep.md"), "a") as f:
+            f.write("\n" + choice + "\n")
         return results
     if args.peers:  # the table: V-PAE and each peer at equal generator steps, and each peer at V-PAE's training time
         rows = [r for r in ROWS if r[1] in ("teacher", "full")] + [
