@@ -819,7 +819,8 @@ def main(argv, launch=None):
     device, dp_rank, dp, sp_group, wait_group = setup_dist(cfg, *(launch or launch_env()))
     world, master = dist.get_world_size(), dist.get_rank() == 0
     if cfg.export_from:
-        return export_from(cfg, device, sp_group, wait_group)
+        export_from(cfg, device, sp_group, wait_group)
+        return dist.destroy_process_group()
     if not os.path.isfile(os.path.join(cfg.teacher, "config.json")):
         fail(f"--teacher={cfg.teacher!r} is not a Wan2.1 checkpoint directory (no config.json)")
     if os.path.exists(os.path.join(cfg.out, "student.safetensors")):

@@ -1803,6 +1803,11 @@ def test_distill_previews_and_export_from_a_checkpoint(i2v_ckpt, latents, tmp_pa
         assert n == 2 or (r.returncode != 0 and "exists: delete it to export again" in r.stdout + r.stderr)
         student.unlink()
     assert files[0] == files[1]
+    import distill  # twice in one process, as toy.py exports checkpoints: the process group is released each time
+    for _ in range(2):
+        distill.main([f"--export_from={out / 'ckpt_00000001'}", "--export_dtype=fp32"])
+        assert student.read_bytes() == files[0]
+        student.unlink()
     r = run_distill([f"--export_from={out}"])
     assert r.returncode != 0 and "is not a complete checkpoint folder" in r.stdout + r.stderr
 
