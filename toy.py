@@ -1020,8 +1020,7 @@ def main(argv=None):
                         f"commit {i['commit']}\n\n{table}\n", os.path.join(out, "csds_pull.md"))
         return table
     if args.trajectory:
-        t0, students, rows = time.time(), {}, [r for r in ROWS if r[0] in ("teacher, 50 steps + CFG",
-                                                                            "teacher, 1 step, no CFG")]
+        t0, students, rows = time.time(), {}, [r for r in ROWS if r[0] == "teacher, 1 step, no CFG"]
         for run in args.trajectory.split(","):
             path = os.path.join(out, run)
             for c in D.ckpts(path) or sys.exit(f"toy.py --trajectory: no checkpoint in {path}"):
