@@ -97,6 +97,7 @@ PEER_SWEEP = {  # --peer-sweep: (peer, arguments over PEERS' own), judged on the
     # the generator's lr: at a fake-score lr of 1e-5 too, the fake score's loss rose to 2 in 60 steps (the teacher's on
     # real clips: 0.19), so G's own samples leave what the teacher can denoise
     "dmd_lr3e-6": ("dmd", ["--lr_phase1=3e-6"]), "vpae_p1lr3e-6": ("full", ["--lr_phase1=3e-6"]),
+    "dmd2_lr3e-6": ("dmd2", ["--lr_phase1=3e-6"]),  # DMD2 at the lr that made DMD work
 }
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
