@@ -2718,7 +2718,8 @@ def test_distill_t2v_two_processes_both_phases(t2v_ckpt, videos, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = read_log(out)
     assert [x["phase"] for x in log] == [1, 1, 2, 2] and all(math.isfinite(v) for x in log for v in x.values())
-    assert sorted(os.listdir(out)) == ["ckpt_00000004", "config.json", "latents", "log.jsonl", "student.safetensors"]
+    assert sorted(os.listdir(out)) == ["ckpt_00000002", "ckpt_00000003", "ckpt_00000004", "config.json", "latents",
+                                       "log.jsonl", "student.safetensors"]  # the newest --keep_ckpts (3)
     lat = data.read_manifest(os.path.join(out, "latents"))
     assert len(lat["clips"]) == 4 and len({c["shard"] for c in lat["clips"]}) == 2  # both ranks encoded clips
     student = WanModel.from_pretrained(t2v_ckpt, weights=os.path.join(out, "student.safetensors"))
