@@ -98,6 +98,7 @@ PEER_SWEEP = {  # --peer-sweep: (peer, arguments over PEERS' own), judged on the
     # real clips: 0.19), so G's own samples leave what the teacher can denoise
     "dmd_lr3e-6": ("dmd", ["--lr_phase1=3e-6"]), "vpae_p1lr3e-6": ("full", ["--lr_phase1=3e-6"]),
     "dmd2_lr3e-6": ("dmd2", ["--lr_phase1=3e-6"]),  # DMD2 at the lr that made DMD work
+    "dmd2_lr3e-6_gan0.1": ("dmd2", ["--lr_phase1=3e-6", "--gan_weight=0.1"]),
 }
 ROWS = [  # (row, model, sampler, steps, NFE); "cfg" = Euler ODE with CFG, "x0" = the student sampler
     ("teacher, 50 steps + CFG", "teacher", "cfg", 50, 100), ("teacher, 4 steps + CFG", "teacher", "cfg", 4, 8),
