@@ -85,6 +85,7 @@ class Config:
     disc_width: int = 0  # head width; 0 = the DiT's width, at most 1024
     csds_guide_scale: float = 0.0  # C-SDS's w where the re-noising sigma' < csds_guide_until (a guidance interval); 0 = off
     csds_guide_until: float = 0.75  # see csds_guide_scale; 0.75 is the median sigma' at shift 3
+    student_steps: int = 1  # Phase II trains G also at the inputs of an N-step sampler (student_sigma); 1 = one step
     lambda_adv: float = 1.0  # weight of the adversarial term in the generator loss; 0 = C-SDS alone (a control)
     gan_weight: float = 0.0  # DMD2's GAN in Phase I: its generator weight (FastGen: 0.03), heads on the fake score; 0 = off
     grad_clip: float = 10.0  # clip the global gradient norm of each trained model to this (FastGen, LADD); 0 = off
@@ -164,6 +165,8 @@ def parse_args(argv):
     for name in ("grad_clip", "shard_ranks", "preview_every"):
         if getattr(cfg, name) < 0:
             fail(f"--{name}={getattr(cfg, name)}: use a value >= 0 (0 = off)")
+    if cfg.student_steps < 1:
+        fail(f"--student_steps={cfg.student_steps}: use 1 (the one-step student) or the steps you will sample with")
     if cfg.timeout_min <= 0 or cfg.wait_hours <= 0 or cfg.preview_clips < 1:
         fail(f"--timeout_min={cfg.timeout_min} --wait_hours={cfg.wait_hours} --preview_clips={cfg.preview_clips}: "
              "use positive values")
@@ -385,6 +388,16 @@ def phase1_step(cfg, m, batch, rng):
     return stats | ({"loss_cls": loss_cls} if cfg.gan_weight else {})
 
 
+def student_sigma(cfg, B, rng, dev):
+    """Phase II's generator input sigma per clip: 1 (pure noise, the one-step path), or, with student_steps N > 1, one
+    of the N-step sampler's sigmas shift(1 - k/N, shift), k ~ U{0..N-1} (sample.py's sample_student). Below 1, G's
+    input is the real clip noised to that sigma, where sampling would give an earlier step's guess re-noised."""
+    if cfg.student_steps == 1:
+        return torch.ones(B, device=dev)
+    k = (uniform(0, 1, rng, dev) * cfg.student_steps).floor().clamp(max=cfg.student_steps - 1)
+    return shift(1 - k / cfg.student_steps, cfg.shift)
+
+
 def disc_shift(cfg, x):
     """D's noising shift for latents x: disc_shift, times sqrt(tokens / disc_shift_ref) when disc_shift_ref is set.
     Noise hides a clip's content in proportion to the clip's size: the same sigma leaves more signal in more tokens,
@@ -410,8 +423,7 @@ def phase2_d_step(cfg, m, batch, rng):
     x0, cond = batch["latent"], batch["cond"]
     B = x0.shape[0]
     with torch.no_grad():
-        eps = noise_like(x0, rng)
-        fake = eps - run(m.gen, eps, torch.ones(B, device=x0.device), cond)
+        fake = one_step(m, x0, cond, student_sigma(cfg, B, rng, x0.device), rng)
         (real_d, fake_d), s = noisy_d(cfg, [x0, fake], rng)
         delta = str1_delta(x0, cfg.r1_sigma_s, cfg.r1_sigma_t, rng)
         cond3 = {k: torch.cat([v, v, v]) for k, v in cond.items()}
@@ -428,8 +440,7 @@ def phase2_g_step(cfg, m, batch, rng):
     """L_G = -lambda_adv * mean D(x0_hat) + lambda_csds * C-SDS; the gradient reaches the generator only through x0_hat."""
     x0, cond = batch["latent"], batch["cond"]
     B, dev = x0.shape[0], x0.device
-    eps = noise_like(x0, rng)
-    x0_hat = eps - run(m.gen, eps, torch.ones(B, device=dev), cond)
+    x0_hat = one_step(m, x0, cond, student_sigma(cfg, B, rng, dev), rng)
     # a term weighted 0 (an ablation) is not computed, its gradient is 0: the same update at less cost. Its noise is
     # still drawn, so the random streams stay those of the full method.
     (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)

@@ -1610,6 +1610,27 @@ def test_dmd2_peer_trains_heads_on_the_fake_score_and_resumes_bitwise(i2v_ckpt, 
         assert fa.read() == fb.read()
 
 
+def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents, tmp_path):
+    """--student_steps=4: Phase II's generator inputs are sample_student's 4 sigmas, each drawn; 1 keeps pure noise
+    and leaves the run as it was (same student bit for bit as without the flag); 4 trains another student."""
+    import distill
+    cfg = distill.Config(student_steps=4, shift=3.0)
+    rng = [torch.Generator().manual_seed(i) for i in range(64)]
+    s = distill.student_sigma(cfg, 64, rng, "cpu")
+    assert sorted(set(s.tolist())) == pytest.approx([sample.shift_sigma(1 - k / 4, 3.0) for k in (3, 2, 1, 0)])
+    assert torch.equal(distill.student_sigma(replace(cfg, student_steps=1), 64, rng, "cpu"), torch.ones(64))
+    args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=0", "--phase2_steps=2"]
+    files = []
+    for extra in ([], ["--student_steps=1"], ["--student_steps=4"]):
+        out = str(tmp_path / f"run{len(files)}")
+        r = run_distill(args + extra + [f"--out={out}"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        files.append(open(os.path.join(out, "student.safetensors"), "rb").read())
+    assert files[0] == files[1] != files[2]
+    r = run_distill(args + ["--student_steps=0", f"--out={tmp_path / 'bad'}"])
+    assert r.returncode == 1 and "--student_steps=0" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_distill_resumes_from_a_checkpoint_written_while_training(i2v_ckpt, latents, tmp_path):
     """Checkpoints written by dcp.async_save while the next steps run (every step here, 2 gloo ranks): one from the
     middle of the run, copied into a new --out, resumes to the same student, bit for bit."""
