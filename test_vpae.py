@@ -1939,6 +1939,16 @@ def test_toy_orderings_use_the_training_seed_spread():
     assert std_ok([10.0, 11.0, 12.0]) == [True] and std_ok([10.0, 12.0, 14.0]) == [False]  # sd 1 and 2 against 1.1, 1.2
 
 
+def test_toy_sweep_checks_the_few_step_student_against_its_one_step():
+    """--sweep's few-step rule: a run's 4-step student passes when every metric's mean is at least its 1-step's."""
+    import toy
+    row = lambda v, fd: {"nfe": 1, **{k: [[v]] for k in toy.METRICS}, "fd": [[fd]]}  # noqa: E731
+    r = {"full, 1 step": row(1.0, 10.0), "full, 4 steps": row(1.0, 9.0), "sweep_a, 1 step": row(1.0, 10.0),
+         "sweep_a, 4 steps": row(1.0, 11.0)}
+    few = {s.split(",")[0]: (ok, s) for s, ok in toy.checks(r) if "4 steps" in s}
+    assert few["full"][0] and not few["sweep_a"][0] and "(worse: fd)" in few["sweep_a"][1]
+
+
 def test_toy_psnr_and_consistency():
     import toy
     v = shape_clip()

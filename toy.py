@@ -623,6 +623,11 @@ def checks(results):
             worse = [k for k in METRICS if better(results, "full, 1 step", row, k)]  # it is worse on no metric
             out.append((f"{row} beats the default on speed W1 and is worse on none (worse: {', '.join(worse) or '-'})",
                         better(results, row, "full, 1 step", "w1") and not worse))
+        for row in (r for r in results if r.endswith(", 4 steps") and r[:-9] + ", 1 step" in results):
+            one = row[:-9] + ", 1 step"  # the few-step rule (#28), fixed before its runs: every metric's mean at least
+            worse = [k for k in METRICS if METRICS[k][2] * (m(row, k) - m(one, k)) < 0]  # as good as in 1 step
+            out.append((f"{row} at least as good as in 1 step on every metric's mean (worse: {', '.join(worse) or '-'})",
+                        not worse))
     if s1 not in results:
         return out
     for t in ("teacher, 1 step + CFG", "teacher, 1 step, no CFG"):
@@ -859,6 +864,8 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     "csds_guide_7.5_high": ["--guide_scale=7.5", f"--csds_guide_scale={GUIDE}", "--csds_guide_until=0.75"],
     "csds_guide_7.5_low": ["--csds_guide_scale=7.5", "--csds_guide_until=0.75"],
     # round 9: phase2_1000 again, on top of the round-8 recipe (the 600-step runs continued: same streams, constant lr)
+    # round 10 (#28's few steps): G trained at the 4-step sampler's input sigmas too, each clip at one of the four
+    "student_steps4": ["--student_steps=4"],
 }
 
 
@@ -1101,7 +1108,7 @@ def main(argv=None):
             f.write("\n" + choice + "\n")
         return results
     if args.peers:  # the table: V-PAE and each peer at equal generator steps, and each peer at V-PAE's training time
-        rows = [r for r in ROWS if r[1] in ("teacher", "full")] + [
+        rows = [r for r in ROWS if r[1] in ("teacher", "full") and r[4] < 100] + [  # the 100-NFE teacher: in the table
             (f"{PEER_NAMES[k[5:]]}, {n_gen} steps, 1 step", k, "x0", 1, 1) for k in runs if k != "full"]
         secs = step_seconds(ckpt, train_lat, out, [k[5:] for k in runs if k != "full"], torch.get_num_threads(), log)
         for k in [k for k in runs if k != "full"]:
@@ -1113,8 +1120,9 @@ def main(argv=None):
         report(results, times, argv, out, None, "peers")
         return results
     if args.sweep:  # the student of each candidate, on the validation split only
-        rows = [r for r in ROWS if r[0] in ("teacher, 50 steps + CFG", "teacher, 1 step + CFG")]  # for scale
-        rows += [(f"{k}, 1 step", k, "x0", 1, 1) for k in runs]
+        rows = [r for r in ROWS if r[0] in ("teacher, 4 steps + CFG", "teacher, 1 step + CFG")]  # for scale (the 4-step
+        # teacher is at the 100-NFE one's FD on the eval split, at a twelfth of its cost)
+        rows += [(f"{k}, {n} step{'s' * (n > 1)}", k, "x0", n, n) for k in runs for n in (1, 4)]
         results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
         drift = backbone_drift(ckpt, students["full"], val_lat)
         times["eval"], times["total"] = time.time() - t0, time.time() - t_all
