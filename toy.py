@@ -406,6 +406,27 @@ def check_reused(run, args):
         sys.exit(f"toy.py: {run} is a finished run of {got} Phase II steps, not the {want} asked for: give a new --out")
 
 
+def pool(todo, jobs, times, log):
+    """Run the distillation jobs {name: (done, job)} whose output `done` is missing, `jobs` at a time, each on the
+    cores over the jobs that run at once; their seconds go into times."""
+    for k, (d, job) in todo.items():
+        if os.path.exists(d):
+            if job[7] is None:  # a finished run, not a Phase I checkpoint (which serves any Phase II)
+                check_reused(job[3], job[4])
+            log(f"{k}: done before, skipped")
+    done = {k: d for k, (d, _) in todo.items()}
+    todo = {k: j for k, (d, j) in todo.items() if not os.path.exists(d)}
+    n = max(1, min(jobs, len(todo)))
+    todo = {k: (*j, max(1, torch.get_num_threads() // n)) for k, j in todo.items()}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) if n > 1 else contextlib.nullcontext() as ex:
+        for name, sec in zip(todo, (ex.map if ex else map)(distill_job, todo.values())):
+            times[name] = sec
+            log(f"{name}: {sec:.0f}s" + ("" if os.path.exists(done[name]) else ", stopped before its end"))
+    if stopped := [k for k in todo if not os.path.exists(done[k])]:  # e.g. a SIGTERM: distill.py saved and exited 0
+        sys.exit(f"toy.py: {', '.join(stopped)} stopped before the end: run the same command again to resume")
+
+
 def distill(ckpt, latents, val, out, args, log_file, stop_after=None):
     """distill.main in this process (one CPU process: no FSDP wrapping, a free port), its output to log_file."""
     argv = [f"--teacher={ckpt}", f"--data={latents}", f"--val_data={val}", f"--out={out}", *RECIPE, *args]
@@ -869,7 +890,7 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
 }
 
 
-def step_seconds(ckpt, latents, out, names, cores, log):
+def step_seconds(ckpt, latents, out, names, log):
     """Seconds per step of V-PAE's Phase I and Phase II and of each peer in `names`, measured alike for the
     equal-time rows: 20 steps of each, two one-thread runs at a time as the table's runs are, nothing else running,
     the last 10 steps timed (the first 10 warm up). Written to out/step_seconds.json once, then read from it."""
@@ -877,11 +898,10 @@ def step_seconds(ckpt, latents, out, names, cores, log):
     if os.path.isfile(path):
         return json.load(open(path))
     argv = {"vpae": ["--phase1_steps=20", "--phase2_steps=20"], **{k: PEERS[k](20) + PEER_RECIPE[k] for k in names}}
-    jobs = [(ckpt, latents, "", os.path.join(out, "timing", k), a + ["--log_every=10"],
-             os.path.join(out, "logs", f"timing_{k}.log"), None, None, max(1, cores // 2)) for k, a in argv.items()]
     shutil.rmtree(os.path.join(out, "timing"), ignore_errors=True)
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as ex:
-        list(ex.map(distill_job, jobs))
+    pool({f"timing {k}": (os.path.join(out, "timing", k, "student.safetensors"),
+                          (ckpt, latents, "", os.path.join(out, "timing", k), a + ["--log_every=10"],
+                           os.path.join(out, "logs", f"timing_{k}.log"), None, None)) for k, a in argv.items()}, 2, {}, log)
     secs = {}
     for k in argv:
         lines = {e["step"]: e["step_s"] for e in map(json.loads, open(os.path.join(out, "timing", k, "log.jsonl")))}
@@ -1064,35 +1084,17 @@ def main(argv=None):
     jobs = 1 if args.quick else args.jobs
     where = lambda k: os.path.join(out, "distill") if k == "full" else d  # noqa: E731
 
-    def pool(todo):
-        """Run the distillation jobs {name: (done, job)} whose output is missing, `jobs` at a time."""
-        for k, (d, job) in todo.items():
-            if os.path.exists(d):
-                if job[7] is None:  # a finished run, not a Phase I checkpoint (which serves any Phase II)
-                    check_reused(job[3], job[4])
-                log(f"{k}: done before, skipped")
-        done = {k: d for k, (d, _) in todo.items()}
-        todo = {k: j for k, (d, j) in todo.items() if not os.path.exists(d)}
-        n = max(1, min(jobs, len(todo)))  # the threads of each job: the cores over the jobs that run at once
-        todo = {k: (*j, max(1, torch.get_num_threads() // n)) for k, j in todo.items()}
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) if n > 1 else contextlib.nullcontext() as ex:
-            for name, sec in zip(todo, (ex.map if ex else map)(distill_job, todo.values())):
-                times[name] = sec
-                log(f"{name}: {sec:.0f}s" + ("" if os.path.exists(done[name]) else ", stopped before its end"))
-        if stopped := [k for k in todo if not os.path.exists(done[k])]:  # e.g. a SIGTERM: distill.py saved and exited 0
-            sys.exit(f"toy.py: {', '.join(stopped)} stopped before the end: run the same command again to resume")
-
     logf = lambda name: os.path.join(out, "logs", f"distill_{name}.log")  # noqa: E731
     shared = {t: os.path.join(out, "phase1", f"s{t}", f"ckpt_{cfg['phase1']:08d}") for t in cfg["train_seeds"]}
     if not args.quick:  # Phase I: once per training seed, shared by the runs of that seed
         pool({f"distill phase1 s{t}": (p, (ckpt, train_lat, val_lat, os.path.dirname(p), steps + [f"--seed={t}"],
-                                           logf(f"phase1_s{t}"), None, cfg["phase1"])) for t, p in shared.items()})
+                                           logf(f"phase1_s{t}"), None, cfg["phase1"])) for t, p in shared.items()},
+             jobs, times, log)
     pool({f"distill {k} s{t}": (os.path.join(where(k), f"{k}_s{t}", "student.safetensors"),
                                 (ckpt, train_lat, val_lat, os.path.join(where(k), f"{k}_s{t}"), steps + extra + [f"--seed={t}"],
                                  logf(f"{k}_s{t}"), None if args.quick or "--phase1_steps=0" in extra or
                                  k.startswith(("peer_", "psweep_")) else p, None))
-          for t, p in shared.items() for k, extra in runs.items()})
+          for t, p in shared.items() for k, extra in runs.items()}, jobs, times, log)
 
     t0 = time.time()
     students = {k: [os.path.join(where(k), f"{k}_s{t}", "student.safetensors") for t in cfg["train_seeds"]] for k in runs}
@@ -1110,7 +1112,7 @@ def main(argv=None):
     if args.peers:  # the table: V-PAE and each peer at equal generator steps, and each peer at V-PAE's training time
         rows = [r for r in ROWS if r[1] in ("teacher", "full") and r[4] < 100] + [  # the 100-NFE teacher: in the table
             (f"{PEER_NAMES[k[5:]]}, {n_gen} steps, 1 step", k, "x0", 1, 1) for k in runs if k != "full"]
-        secs = step_seconds(ckpt, train_lat, out, [k[5:] for k in runs if k != "full"], torch.get_num_threads(), log)
+        secs = step_seconds(ckpt, train_lat, out, [k[5:] for k in runs if k != "full"], log)
         for k in [k for k in runs if k != "full"]:
             n = equal_time_step(secs, k[5:], cfg["phase1"], cfg["phase2"])
             students[k + "@time"] = [exported(os.path.join(d, f"{k}_s{t}"), n) for t in cfg["train_seeds"]]
