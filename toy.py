@@ -85,12 +85,13 @@ PEERS = {
                            "--r1_sigma_t=0"],  # APT-style: the adversarial term and R1 only, D on the teacher
 }
 PEER_NAMES = {"dmd": "DMD", "dmd2": "DMD2", "adv_only": "adversarial only (APT-style)"}
-PEER_RECIPE = {"dmd": [], "dmd2": [], "adv_only": ["--lambda_r1=0.01"]}  # each peer's settings chosen on validation
-# (--peer-sweep); adv_only's R1: APT's weight 100 on |D(x) - D(x + delta)|^2 at sigma 0.01, in STR1's normalisation
+PEER_RECIPE = {"dmd": ["--lr_phase1=3e-6"], "dmd2": ["--lr_phase1=3e-6"],  # each peer's settings, chosen on the
+              "adv_only": ["--lambda_r1=1"]}  # validation split by --peer-sweep (EXPERIMENTS.md)
 PEER_SWEEP = {  # --peer-sweep: (peer, arguments over PEERS' own), judged on the validation split
     "dmd": ("dmd", []), "dmd_k1": ("dmd", ["--k_fake=1"]), "dmd_lr3e-5": ("dmd", ["--lr_phase1=3e-5"]),
     "dmd2": ("dmd2", []), "dmd2_gan0.1": ("dmd2", ["--gan_weight=0.1"]),
-    "adv_only": ("adv_only", ["--lambda_r1=0.01"]), "adv_only_r1_1": ("adv_only", ["--lambda_r1=1"]),
+    "adv_only": ("adv_only", ["--lambda_r1=0.01"]),  # APT's weight 100 on |D(x) - D(x + delta)|^2 at sigma 0.01,
+    "adv_only_r1_1": ("adv_only", ["--lambda_r1=1"]),  # in STR1's normalisation; 1 = V-PAE's
     # the fake score's lr: at 1e-4 its own denoising loss rose to 4 in Phase I, 6x the teacher's on the same samples
     "dmd_fake1e-5": ("dmd", ["--lr_fake=1e-5"]), "dmd_k1_fake1e-5": ("dmd", ["--k_fake=1", "--lr_fake=1e-5"]),
     "vpae_fake1e-5": ("full", ["--lr_fake=1e-5"]),  # V-PAE with that Phase I ("full": V-PAE, with its own Phase I)
