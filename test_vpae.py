@@ -2586,6 +2586,17 @@ def test_toy_peers_are_distill_configurations_and_equal_time_counts_training_sec
     assert toy.equal_time_step(secs, "dmd", 200, 400) == 300 and toy.equal_time_step(secs, "adv_only", 200, 400) == 600
 
 
+def test_toy_checks_the_papers_peer_ordering_at_equal_steps_and_at_equal_time():
+    """The paper ranks APT over DMD2: toy.py tests it between the rows of equal steps, and between those of equal time."""
+    import toy
+    row = lambda fd: {"nfe": 1, **{k: [[v] for v in [0.0, 0.1, 0.2]] for k in toy.METRICS}, "fd": [[v] for v in fd]}  # noqa: E731
+    r = {"V-PAE student, 1 step": row([10, 11, 12]), "DMD2, 600 steps, 1 step": row([20, 21, 22]), "adversarial only (APT-style), 600 steps, 1 step": row([15, 16, 17]),
+         "DMD2, V-PAE's time (300 steps), 1 step": row([15, 16, 17]),
+         "adversarial only (APT-style), V-PAE's time (600 steps), 1 step": row([15, 16, 17])}
+    got = [(s.split(" beats ")[1].split(" on ")[0], ok) for s, ok in toy.checks(r) if s.startswith("adversarial")]
+    assert got == [("DMD2, 600 steps, 1 step", True), ("DMD2, V-PAE's time (300 steps), 1 step", False)]
+
+
 def test_toy_peer_choice_ranks_each_peers_candidates_over_every_metric():
     import toy
     res = {f"psweep_{k}, 1 step": {"nfe": 1, **{m: [[v]] for m in toy.METRICS}}

@@ -6,6 +6,7 @@
   python toy.py --sweep            # candidate discriminator settings, judged on the validation split only
   python toy.py --quick            # CI, a few minutes: a short distillation of the bundled demo teacher
   python toy.py --lora-table       # after the pipeline: the V-PAE students as LoRAs at ranks 16, 64 and full
+  python toy.py --peers --phase2 400  # V-PAE beside DMD, DMD2 and adversarial-only, at equal steps and equal time
 
 The pipeline: random-weight umT5 and CLIP in the official layout -> a tiny Wan VAE trained as an autoencoder
 -> clips precomputed with data.precompute -> a tiny Wan I2V teacher trained with flow matching -> distill.py
@@ -666,6 +667,11 @@ def checks(results):
         ahead = [k for k in METRICS if better(results, s1, row, k)]
         behind = [k for k in METRICS if better(results, row, s1, k)]
         out.append((f"V-PAE beats {row} on at least one metric and is behind on none (ahead: {', '.join(ahead) or '-'}; "
+                    f"behind: {', '.join(behind) or '-'})", bool(ahead) and not behind))
+    for a, b in [(a, b) for a in results for b in results if a.startswith(PEER_NAMES["adv_only"]) and  # the paper's
+                 b.startswith(PEER_NAMES["dmd2"] + ",") and ("time" in a) == ("time" in b)]:  # APT over DMD2, paired
+        ahead, behind = ([k for k in METRICS if better(results, x, y, k)] for x, y in ((a, b), (b, a)))
+        out.append((f"{a} beats {b} on at least one metric and is behind on none (ahead: {', '.join(ahead) or '-'}; "
                     f"behind: {', '.join(behind) or '-'})", bool(ahead) and not behind))
     if t100 in results:
         for k in ("motion", "in_range"):
