@@ -1049,12 +1049,20 @@ def main(argv=None):
         stage("teacher", dit_file,
               lambda: train_teacher(ckpt, train_lat, cfg["teacher_steps"], lambda m: print(m, flush=True)))
 
+    def table(split, students, rows, name, t0, distill_dir=None, drift=()):
+        """The rows on the clips of split ("val" to choose settings, "eval" for the tables), into out/<name>.md, .json."""
+        results, _ = evaluate(ckpt, os.path.join(out, f"{split}_latents"), sets[split][0], sets[split][1], students, cfg,
+                              log, rows)
+        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
+        report(results, times, argv, out, distill_dir, name, drift)
+        return results
+
     if args.csds_pull:
-        table = csds_pull(ckpt, args.csds_pull, val_lat, sets["val"][0], VAL_SEED, log)
+        pull = csds_pull(ckpt, args.csds_pull, val_lat, sets["val"][0], VAL_SEED, log)
         i = machine()
         data.write_text(f"`python toy.py {' '.join(argv)}`: {i['cpus']} CPU cores ({i['cpu']}), torch {i['torch']}, "
-                        f"commit {i['commit']}\n\n{table}\n", os.path.join(out, "csds_pull.md"))
-        return table
+                        f"commit {i['commit']}\n\n{pull}\n", os.path.join(out, "csds_pull.md"))
+        return pull
     if args.trajectory:
         t0, students, rows = time.time(), {}, [r for r in ROWS if r[0] == "teacher, 1 step, no CFG"]
         for run in args.trajectory.split(","):
@@ -1062,18 +1070,12 @@ def main(argv=None):
             for c in D.ckpts(path) or sys.exit(f"toy.py --trajectory: no checkpoint in {path}"):
                 students[f"{run}@{c[5:]}"] = [exported(path, int(c[5:]))]
                 rows.append((f"{run} at step {int(c[5:])}, 1 step", f"{run}@{c[5:]}", "x0", 1, 1))
-        results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
-        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
-        report(results, times, argv, out, None, "trajectory")
-        return results
+        return table("val", students, rows, "trajectory", t0)
     if args.lora_table:
         t0 = time.time()
         runs, rows = lora_table(ckpt, students, out, log)
         times["export"], t0 = time.time() - t0, time.time()
-        results, _ = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, runs, cfg, log, rows)
-        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
-        report(results, times, argv, out, None, "lora_table")
-        return results
+        return table("eval", runs, rows, "lora_table", t0)
 
     steps = [f"--phase1_steps={cfg['phase1']}", f"--phase2_steps={cfg['phase2']}"]
     runs = {"full": []} if args.quick else {"full": [], **{f"sweep_{k}": SWEEP[k] for k in args.sweep.split(",")}} \
@@ -1108,9 +1110,7 @@ def main(argv=None):
     if args.peer_sweep:  # each candidate's student on the validation split, ranked among its peer's candidates
         rows = [r for r in ROWS if r[0] == "teacher, 1 step, no CFG"]  # for scale
         rows += [(f"{k}, 1 step", k, "x0", 1, 1) for k in runs]
-        results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
-        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
-        report(results, times, argv, out, None, "peer_sweep")
+        results = table("val", students, rows, "peer_sweep", t0)
         choice = "\n".join(["Each peer's candidates by mean rank over the six metrics (peer_choice):"] + peer_choice(results))
         print(choice)
         with open(os.path.join(out, "peer_sweep.md"), "a") as f:
@@ -1124,19 +1124,12 @@ def main(argv=None):
             n = equal_time_step(secs, k[5:], cfg["phase1"], cfg["phase2"])
             students[k + "@time"] = [exported(os.path.join(d, f"{k}_s{t}"), n) for t in cfg["train_seeds"]]
             rows.append((f"{PEER_NAMES[k[5:]]}, V-PAE's time ({n} steps), 1 step", k + "@time", "x0", 1, 1))
-        results, _ = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, students, cfg, log, rows)
-        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
-        report(results, times, argv, out, None, "peers")
-        return results
+        return table("eval", students, rows, "peers", t0)
     if args.sweep:  # the student of each candidate, on the validation split only
         rows = [r for r in ROWS if r[0] in ("teacher, 4 steps + CFG", "teacher, 1 step + CFG")]  # for scale (the 4-step
         # teacher is at the 100-NFE one's FD on the eval split, at a twelfth of its cost)
         rows += [(f"{k}, {n} step{'s' * (n > 1)}", k, "x0", n, n) for k in runs for n in (1, 4)]
-        results, _ = evaluate(ckpt, val_lat, sets["val"][0], VAL_SEED, students, cfg, log, rows)
-        drift = backbone_drift(ckpt, students["full"], val_lat)
-        times["eval"], times["total"] = time.time() - t0, time.time() - t_all
-        report(results, times, argv, out, d, "sweep", drift)
-        return results
+        return table("val", students, rows, "sweep", t0, d, backbone_drift(ckpt, students["full"], val_lat))
     results, strip = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, students, cfg, log,
                               QUICK_ROWS if args.quick else ROWS)
     frame_strip(strip, os.path.join(out, "strip.png"))
