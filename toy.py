@@ -641,6 +641,12 @@ def checks(results):
     """The expected orderings that these results can test, each (statement, held). See better() for the test."""
     m = lambda row, k: float(per_seed(results, row, k).mean())  # noqa: E731
     s1, t100, out = "V-PAE student, 1 step", "teacher, 50 steps + CFG", []
+
+    def beats(name, a, b):  # row a ahead of row b on at least one metric and behind on none
+        ahead, behind = ([k for k in METRICS if better(results, x, y, k)] for x, y in ((a, b), (b, a)))
+        return (f"{name} beats {b} on at least one metric and is behind on none (ahead: {', '.join(ahead) or '-'}; "
+                f"behind: {', '.join(behind) or '-'})", bool(ahead) and not behind)
+
     if "full, 1 step" in results:  # --sweep, by the rule fixed before round 3 ran: a candidate replaces the default
         for row in (r for r in results if r.startswith("sweep_")):  # when its speeds are nearer the real ones (W1), and
             worse = [k for k in METRICS if better(results, "full, 1 step", row, k)]  # it is worse on no metric
@@ -664,15 +670,10 @@ def checks(results):
         worse = [k for k in METRICS if better(results, s1, row, k)]
         out.append((f"{row} worse than V-PAE on at least one metric ({', '.join(worse) or 'none'})", bool(worse)))
     for row in (r for r in results if r.startswith(tuple(PEER_NAMES.values()))):
-        ahead = [k for k in METRICS if better(results, s1, row, k)]
-        behind = [k for k in METRICS if better(results, row, s1, k)]
-        out.append((f"V-PAE beats {row} on at least one metric and is behind on none (ahead: {', '.join(ahead) or '-'}; "
-                    f"behind: {', '.join(behind) or '-'})", bool(ahead) and not behind))
+        out.append(beats("V-PAE", s1, row))
     for a, b in [(a, b) for a in results for b in results if a.startswith(PEER_NAMES["adv_only"]) and  # the paper's
                  b.startswith(PEER_NAMES["dmd2"] + ",") and ("time" in a) == ("time" in b)]:  # APT over DMD2, paired
-        ahead, behind = ([k for k in METRICS if better(results, x, y, k)] for x, y in ((a, b), (b, a)))
-        out.append((f"{a} beats {b} on at least one metric and is behind on none (ahead: {', '.join(ahead) or '-'}; "
-                    f"behind: {', '.join(behind) or '-'})", bool(ahead) and not behind))
+        out.append(beats(a, a, b))
     if t100 in results:
         for k in ("motion", "in_range"):
             out.append((f"student {k} at least 0.9x the 100-NFE teacher's ({m(s1, k):.2f} vs {m(t100, k):.2f})",
