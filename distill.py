@@ -86,6 +86,7 @@ class Config:
     csds_guide_scale: float = 0.0  # C-SDS's w where the re-noising sigma' < csds_guide_until (a guidance interval); 0 = off
     csds_guide_until: float = 0.75  # see csds_guide_scale; 0.75 is the median sigma' at shift 3
     student_steps: int = 1  # Phase II trains G also at the inputs of an N-step sampler (student_sigma); 1 = one step
+    backward_sim: bool = False  # with student_steps N > 1: those inputs re-noise G's own earlier guesses (DMD2), not clips
     lambda_adv: float = 1.0  # weight of the adversarial term in the generator loss; 0 = C-SDS alone (a control)
     gan_weight: float = 0.0  # DMD2's GAN in Phase I: its generator weight (FastGen: 0.03), heads on the fake score; 0 = off
     grad_clip: float = 10.0  # clip the global gradient norm of each trained model to this (FastGen, LADD); 0 = off
@@ -167,6 +168,8 @@ def parse_args(argv):
             fail(f"--{name}={getattr(cfg, name)}: use a value >= 0 (0 = off)")
     if cfg.student_steps < 1:
         fail(f"--student_steps={cfg.student_steps}: use 1 (the one-step student) or the steps you will sample with")
+    if cfg.backward_sim and cfg.student_steps == 1:
+        fail("--backward_sim simulates the steps of a few-step sampler: give --student_steps=N (N > 1) with it")
     if cfg.timeout_min <= 0 or cfg.wait_hours <= 0 or cfg.preview_clips < 1:
         fail(f"--timeout_min={cfg.timeout_min} --wait_hours={cfg.wait_hours} --preview_clips={cfg.preview_clips}: "
              "use positive values")
@@ -388,14 +391,34 @@ def phase1_step(cfg, m, batch, rng):
     return stats | ({"loss_cls": loss_cls} if cfg.gan_weight else {})
 
 
+def sampler_sigmas(cfg, dev):
+    """The N-step sampler's input sigmas shift(1 - k/N, shift), k = 0..N-1 (sample.py's sample_student)."""
+    return shift(1 - torch.arange(cfg.student_steps, device=dev) / cfg.student_steps, cfg.shift)
+
+
 def student_sigma(cfg, B, rng, dev):
     """Phase II's generator input sigma per clip: 1 (pure noise, the one-step path), or, with student_steps N > 1, one
-    of the N-step sampler's sigmas shift(1 - k/N, shift), k ~ U{0..N-1} (sample.py's sample_student). Below 1, G's
-    input is the real clip noised to that sigma, where sampling would give an earlier step's guess re-noised."""
+    of the N-step sampler's sigmas, each equally likely."""
     if cfg.student_steps == 1:
         return torch.ones(B, device=dev)
     k = (uniform(0, 1, rng, dev) * cfg.student_steps).floor().clamp(max=cfg.student_steps - 1)
-    return shift(1 - k / cfg.student_steps, cfg.shift)
+    return sampler_sigmas(cfg, dev)[k.long()]
+
+
+def student_sample(cfg, m, x0, cond, rng):
+    """Phase II's generator sample: G's guess from its input at student_sigma. Below sigma 1 that input is the real
+    clip noised, or, with backward_sim, G's own guess after the sampler's first k steps noised, as sampling gives
+    (DMD2's backward simulation; no gradient through those steps). All N - 1 steps run for every clip, so that every
+    rank runs as many forwards (FSDP's collectives need it)."""
+    s_g, sigmas = student_sigma(cfg, x0.shape[0], rng, x0.device), sampler_sigmas(cfg, x0.device)
+    if cfg.backward_sim and cfg.student_steps > 1:
+        with torch.no_grad():
+            guess, start = x0, x0  # at sigma 1 (k = 0) the clip is not seen: its weight in the input is 0
+            for k in range(cfg.student_steps - 1):
+                guess = one_step(m, guess, cond, sigmas[k].expand(len(s_g)), rng)
+                start = torch.where(bcast(s_g == sigmas[k + 1]), guess, start)
+        x0 = start
+    return one_step(m, x0, cond, s_g, rng)
 
 
 def disc_shift(cfg, x):
@@ -421,9 +444,8 @@ def disc(m, x_d, s, cond):
 def phase2_d_step(cfg, m, batch, rng):
     """Hinge loss + STR1 on the heads only. Real, perturbed real and fake go through one backbone pass."""
     x0, cond = batch["latent"], batch["cond"]
-    B = x0.shape[0]
     with torch.no_grad():
-        fake = one_step(m, x0, cond, student_sigma(cfg, B, rng, x0.device), rng)
+        fake = student_sample(cfg, m, x0, cond, rng)
         (real_d, fake_d), s = noisy_d(cfg, [x0, fake], rng)
         delta = str1_delta(x0, cfg.r1_sigma_s, cfg.r1_sigma_t, rng)
         cond3 = {k: torch.cat([v, v, v]) for k, v in cond.items()}
@@ -439,8 +461,8 @@ def phase2_d_step(cfg, m, batch, rng):
 def phase2_g_step(cfg, m, batch, rng):
     """L_G = -lambda_adv * mean D(x0_hat) + lambda_csds * C-SDS; the gradient reaches the generator only through x0_hat."""
     x0, cond = batch["latent"], batch["cond"]
-    B, dev = x0.shape[0], x0.device
-    x0_hat = one_step(m, x0, cond, student_sigma(cfg, B, rng, dev), rng)
+    dev = x0.device
+    x0_hat = student_sample(cfg, m, x0, cond, rng)
     # a term weighted 0 (an ablation) is not computed, its gradient is 0: the same update at less cost. Its noise is
     # still drawn, so the random streams stay those of the full method.
     (fake_d,), s_d = noisy_d(cfg, [x0_hat], rng)

@@ -1612,7 +1612,8 @@ def test_dmd2_peer_trains_heads_on_the_fake_score_and_resumes_bitwise(i2v_ckpt, 
 
 def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents, tmp_path):
     """--student_steps=4: Phase II's generator inputs are sample_student's 4 sigmas, each drawn; 1 keeps pure noise
-    and leaves the run as it was (same student bit for bit as without the flag); 4 trains another student."""
+    and leaves the run as it was (same student bit for bit as without the flag); 4 trains another student, and
+    --backward_sim another again (it runs under the real loop); --backward_sim without N > 1 is a one-line error."""
     import distill
     cfg = distill.Config(student_steps=4, shift=3.0)
     rng = [torch.Generator().manual_seed(i) for i in range(64)]
@@ -1621,14 +1622,38 @@ def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents,
     assert torch.equal(distill.student_sigma(replace(cfg, student_steps=1), 64, rng, "cpu"), torch.ones(64))
     args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=0", "--phase2_steps=2"]
     files = []
-    for extra in ([], ["--student_steps=1"], ["--student_steps=4"]):
+    for extra in ([], ["--student_steps=1"], ["--student_steps=4"], ["--student_steps=4", "--backward_sim=1"]):
         out = str(tmp_path / f"run{len(files)}")
         r = run_distill(args + extra + [f"--out={out}"])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         files.append(open(os.path.join(out, "student.safetensors"), "rb").read())
-    assert files[0] == files[1] != files[2]
-    r = run_distill(args + ["--student_steps=0", f"--out={tmp_path / 'bad'}"])
-    assert r.returncode == 1 and "--student_steps=0" in r.stderr and "Traceback" not in r.stderr
+    assert files[0] == files[1] != files[2] != files[3]
+    for bad in ("--student_steps=0", "--backward_sim=1"):
+        r = run_distill(args + [bad, f"--out={tmp_path / 'bad'}"])
+        assert r.returncode == 1 and bad.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_backward_sim_trains_g_on_its_own_sampler_states():
+    """--backward_sim: G's input at the sampler's step k is what sample_student feeds it there (its own guesses,
+    re-noised), not the real clip noised: the sample does not move with the clip and, at the last step, is
+    sample_student's output from the same noise. Without it, the sample moves with the clip."""
+    import distill
+    cfg = tiny_cfg("t2v")
+    gen = random_model(cfg)
+    x0, _, ctx, _ = inputs(cfg, B=1)
+    import types
+    m, cond = types.SimpleNamespace(gen=gen), {"context": ctx}
+    c = distill.Config(student_steps=3, shift=3.0, backward_sim=True)
+    seed = next(i for i in range(100) if distill.student_sigma(c, 1, [torch.Generator().manual_seed(i)], "cpu") < 0.7)
+    draw = lambda c, x: distill.student_sample(c, m, x, cond, [torch.Generator().manual_seed(seed)])  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(draw(c, x0), draw(c, x0 + 1))
+        assert not torch.equal(draw(replace(c, backward_sim=False), x0), draw(replace(c, backward_sim=False), x0 + 1))
+        g = torch.Generator().manual_seed(seed)
+        torch.rand(1, generator=g)  # student_sigma's draw
+        ref = sample.sample_student(lambda x, t, context: gen(x, t, context), torch.randn(x0.shape, generator=g),
+                                    cond, 3, 3.0, g)
+    torch.testing.assert_close(draw(c, x0).detach(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_distill_resumes_from_a_checkpoint_written_while_training(i2v_ckpt, latents, tmp_path):

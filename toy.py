@@ -896,6 +896,9 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     # round 10 (#28's few steps): G trained at the 4-step sampler's input sigmas too, each clip at one of the four.
     # At Phase II 1000 its 4-step FD was still worse than its 1-step one, and its 1-step worse than the recipe's
     "student_steps4": ["--student_steps=4"],
+    # round 11: round 10 fed G the real clip noised where sampling feeds it its own earlier guess re-noised. DMD2's
+    # backward simulation feeds it the latter (3 more no-grad forwards of G per sample)
+    "backward_sim4": ["--student_steps=4", "--backward_sim=1"],
 }
 
 
