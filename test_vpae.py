@@ -1613,7 +1613,8 @@ def test_dmd2_peer_trains_heads_on_the_fake_score_and_resumes_bitwise(i2v_ckpt, 
 def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents, tmp_path):
     """--student_steps=4: Phase II's generator inputs are sample_student's 4 sigmas, each drawn; 1 keeps pure noise
     and leaves the run as it was (same student bit for bit as without the flag); 4 trains another student, and
-    --backward_sim another again (it runs under the real loop); --backward_sim without N > 1 is a one-line error."""
+    --backward_sim another again (it runs under the real loop, also in bf16); --backward_sim without N > 1 is a one-line
+    error."""
     import distill
     cfg = distill.Config(student_steps=4, shift=3.0)
     rng = [torch.Generator().manual_seed(i) for i in range(64)]
@@ -1622,7 +1623,8 @@ def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents,
     assert torch.equal(distill.student_sigma(replace(cfg, student_steps=1), 64, rng, "cpu"), torch.ones(64))
     args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=0", "--phase2_steps=2"]
     files = []
-    for extra in ([], ["--student_steps=1"], ["--student_steps=4"], ["--student_steps=4", "--backward_sim=1"]):
+    for extra in ([], ["--student_steps=1"], ["--student_steps=4"], ["--student_steps=4", "--backward_sim=1"],
+                  ["--student_steps=4", "--backward_sim=1", "--param_dtype=bf16"]):
         out = str(tmp_path / f"run{len(files)}")
         r = run_distill(args + extra + [f"--out={out}"])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -2569,7 +2571,8 @@ def test_toy_lora_table_exports_merges_and_measures(i2v_ckpt, lora_run, tmp_path
                                       (["--sweep", "nope"], "--sweep nope: the candidates are"),
                                       (["--seeds", "0"], "--seeds 0: give 1 or more"),
                                       (["--peers", "dmd,nope"], "--peers dmd,nope: a comma-separated subset of dmd,"),
-                                      (["--peer-sweep", "nope"], "--peer-sweep nope: a comma-separated subset")])
+                                      (["--peer-sweep", "nope"], "--peer-sweep nope: a comma-separated subset"),
+                                      (["--on-eval"], "--on-eval reports --sweep candidates: give --sweep NAMES")])
 def test_toy_bad_arguments_stop_with_one_line_before_any_work(argv, msg, tmp_path, capsys):
     import toy
     with pytest.raises(SystemExit):

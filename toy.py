@@ -4,6 +4,7 @@
   python toy.py --train-teacher    # the same, with the VAE and teacher trained here instead of the bundled ones
   python toy.py --export-assets    # the same (finished stages are reused), then copy the models into assets/
   python toy.py --sweep            # candidate discriminator settings, judged on the validation split only
+  python toy.py --sweep NAME --on-eval  # a candidate validation chose, reported on the evaluation split
   python toy.py --quick            # CI, a few minutes: a short distillation of the bundled demo teacher
   python toy.py --lora-table       # after the pipeline: the V-PAE students as LoRAs at ranks 16, 64 and full
   python toy.py --peers --phase2 400  # V-PAE beside DMD, DMD2 and adversarial-only, at equal steps and equal time
@@ -897,7 +898,8 @@ SWEEP = {  # --sweep: candidate Phase II settings, each run over the training se
     # At Phase II 1000 its 4-step FD was still worse than its 1-step one, and its 1-step worse than the recipe's
     "student_steps4": ["--student_steps=4"],
     # round 11: round 10 fed G the real clip noised where sampling feeds it its own earlier guess re-noised. DMD2's
-    # backward simulation feeds it the latter (3 more no-grad forwards of G per sample)
+    # backward simulation feeds it the latter (3 more no-grad forwards of G per sample). Its 4-step student passed the
+    # few-step rule (FD 8.83 against 10.66 for round 10's); its 1-step one is worse than the recipe's on FD and PSNR
     "backward_sim4": ["--student_steps=4", "--backward_sim=1"],
 }
 
@@ -966,6 +968,8 @@ def main(argv=None):
                    "encoders) here, about 19 min, instead of copying the bundled ones from assets/demo")
     p.add_argument("--sweep", nargs="?", const=",".join(SWEEP), metavar="NAMES",
                    help="instead of the table: the SWEEP candidates (all, or these, comma-separated) on the validation split")
+    p.add_argument("--on-eval", action="store_true", help="with --sweep: the candidates' finished runs on the evaluation"
+                   " split instead, into sweep_eval.md, to report a candidate once validation has chosen it")
     p.add_argument("--lora-table", action="store_true", help="instead of the table: the V-PAE students of an earlier"
                    " run (--quick: the bundled one) as LoRAs of the teacher at ranks 16, 64 and full, on the eval split")
     p.add_argument("--csds-pull", metavar="STUDENT", help="instead of the table: the C-SDS targets of this student "
@@ -986,6 +990,8 @@ def main(argv=None):
                    " on 2 cores, two one-thread runs do 1.85x the work of one two-thread run)")
     p.add_argument("--out", help="output folder (default run/toy, or run/toy-quick)")
     args = p.parse_args(argv)
+    if args.on_eval and not args.sweep:
+        p.error("--on-eval reports --sweep candidates: give --sweep NAMES with it")
     if args.sweep and not set(args.sweep.split(",")) <= set(SWEEP):
         p.error(f"--sweep {args.sweep}: the candidates are {', '.join(SWEEP)}")
     for flag, names, known in (("--peers", args.peers, PEERS), ("--peer-sweep", args.peer_sweep, PEER_SWEEP)):
@@ -1134,7 +1140,8 @@ def main(argv=None):
         rows = [r for r in ROWS if r[0] in ("teacher, 4 steps + CFG", "teacher, 1 step + CFG")]  # for scale (the 4-step
         # teacher is at the 100-NFE one's FD on the eval split, at a twelfth of its cost)
         rows += [(f"{k}, {n} step{'s' * (n > 1)}", k, "x0", n, n) for k in runs for n in (1, 4)]
-        return table("val", students, rows, "sweep", t0, d, backbone_drift(ckpt, students["full"], val_lat))
+        return table("eval" if args.on_eval else "val", students, rows, "sweep_eval" if args.on_eval else "sweep", t0,
+                     d, backbone_drift(ckpt, students["full"], val_lat))
     results, strip = evaluate(ckpt, os.path.join(out, "eval_latents"), sets["eval"][0], EVAL_SEED, students, cfg, log,
                               QUICK_ROWS if args.quick else ROWS)
     frame_strip(strip, os.path.join(out, "strip.png"))
