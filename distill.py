@@ -405,6 +405,17 @@ def student_sigma(cfg, B, rng, dev):
     return sampler_sigmas(cfg, dev)[k.long()]
 
 
+def student_generate(cfg, model, x, cond, rng):
+    """The N-step sampler (sample.py's sample_student, N = student_steps) from noise x: G's guess at each of
+    sampler_sigmas, re-noised to the next with fresh noise from the clips' generators; one step is x - v(x, 1)."""
+    sigmas = sampler_sigmas(cfg, x.device).tolist() + [0.0]
+    for k in range(cfg.student_steps):
+        x = x - sigmas[k] * run(model, x, torch.full((x.shape[0],), sigmas[k], device=x.device), cond)
+        if sigmas[k + 1] > 0:
+            x = (1 - sigmas[k + 1]) * x + sigmas[k + 1] * noise_like(x, rng)
+    return x
+
+
 def student_sample(cfg, m, x0, cond, rng):
     """Phase II's generator sample: G's guess from its input at student_sigma. Below sigma 1 that input is the real
     clip noised, or, with backward_sim, G's own guess after the sampler's first k steps noised, as sampling gives
@@ -513,11 +524,12 @@ def disc_accuracy(cfg, m, val, neg, device, dp_rank, dp):
 
 @torch.no_grad()
 def preview(cfg, m, clips, neg, device, step, vae, tb):
-    """One-step samples of the EMA on fixed conditions and noise: every rank runs the sharded forward, rank 0 decodes
-    with the teacher's VAE (in tiles, to stay small beside training) and writes OUT/previews/<step>_<i>.mp4."""
+    """Samples of the EMA on fixed conditions and noise, in student_steps steps: every rank runs the sharded forward,
+    rank 0 decodes with the teacher's VAE (in tiles, to stay small beside training) and writes
+    OUT/previews/<step>_<i>.mp4."""
     b = prepare(D.collate(clips), neg, m.ema.cfg.text_len, device)
-    eps = noise_like(b["latent"], [torch.Generator(device).manual_seed(777 + i) for i in range(len(clips))])
-    x0 = eps - run(m.ema, eps, torch.ones(len(clips), device=device), b["cond"])
+    rng = [torch.Generator(device).manual_seed(777 + i) for i in range(len(clips))]
+    x0 = student_generate(cfg, m.ema, noise_like(b["latent"], rng), b["cond"], rng)
     if dist.get_rank() == 0:
         os.makedirs(os.path.join(cfg.out, "previews"), exist_ok=True)
         for i, video in enumerate(vae.decode(x0.float(), tile=32)):

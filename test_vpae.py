@@ -1613,7 +1613,8 @@ def test_dmd2_peer_trains_heads_on_the_fake_score_and_resumes_bitwise(i2v_ckpt, 
 def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents, tmp_path):
     """--student_steps=4: Phase II's generator inputs are sample_student's 4 sigmas, each drawn; 1 keeps pure noise
     and leaves the run as it was (same student bit for bit as without the flag); 4 trains another student, and
-    --backward_sim another again (it runs under the real loop, also in bf16); --backward_sim without N > 1 is a one-line
+    --backward_sim another again (it runs under the real loop, also in bf16 with 4-step previews); --backward_sim
+    without N > 1 is a one-line
     error."""
     import distill
     cfg = distill.Config(student_steps=4, shift=3.0)
@@ -1624,12 +1625,13 @@ def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents,
     args = [f"--teacher={i2v_ckpt}", f"--data={latents}", "--phase1_steps=0", "--phase2_steps=2"]
     files = []
     for extra in ([], ["--student_steps=1"], ["--student_steps=4"], ["--student_steps=4", "--backward_sim=1"],
-                  ["--student_steps=4", "--backward_sim=1", "--param_dtype=bf16"]):
+                  ["--student_steps=4", "--backward_sim=1", "--param_dtype=bf16", "--preview_every=2"]):
         out = str(tmp_path / f"run{len(files)}")
         r = run_distill(args + extra + [f"--out={out}"])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         files.append(open(os.path.join(out, "student.safetensors"), "rb").read())
     assert files[0] == files[1] != files[2] != files[3]
+    assert read_mp4(os.path.join(out, "previews", "00000002_0.mp4")).std() > 0  # a 4-step preview, in bf16
     for bad in ("--student_steps=0", "--backward_sim=1"):
         r = run_distill(args + [bad, f"--out={tmp_path / 'bad'}"])
         assert r.returncode == 1 and bad.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -1656,6 +1658,23 @@ def test_backward_sim_trains_g_on_its_own_sampler_states():
         ref = sample.sample_student(lambda x, t, context: gen(x, t, context), torch.randn(x0.shape, generator=g),
                                     cond, 3, 3.0, g)
     torch.testing.assert_close(draw(c, x0).detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_student_generate_is_sample_students_sampler():
+    """distill.student_generate, the previews' sampler, is sample.py's sample_student: the same clip from the same
+    noise and generator, in 1 step and in 3."""
+    import distill
+    cfg = tiny_cfg("t2v")
+    gen = random_model(cfg)
+    x0, _, ctx, _ = inputs(cfg, B=1)
+    for n in (1, 3):
+        g, g_ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            got = distill.student_generate(distill.Config(student_steps=n, shift=3.0), gen,
+                                           torch.randn(x0.shape, generator=g), {"context": ctx}, [g])
+            ref = sample.sample_student(lambda x, t, context: gen(x, t, context), torch.randn(x0.shape, generator=g_ref),
+                                        {"context": ctx}, n, 3.0, g_ref)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_distill_resumes_from_a_checkpoint_written_while_training(i2v_ckpt, latents, tmp_path):
