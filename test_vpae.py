@@ -1614,8 +1614,7 @@ def test_student_steps_trains_g_at_the_n_step_samplers_sigmas(i2v_ckpt, latents,
     """--student_steps=4: Phase II's generator inputs are sample_student's 4 sigmas, each drawn; 1 keeps pure noise
     and leaves the run as it was (same student bit for bit as without the flag); 4 trains another student, and
     --backward_sim another again (it runs under the real loop, also in bf16 with 4-step previews); --backward_sim
-    without N > 1 is a one-line
-    error."""
+    without N > 1 is a one-line error."""
     import distill
     cfg = distill.Config(student_steps=4, shift=3.0)
     rng = [torch.Generator().manual_seed(i) for i in range(64)]
