@@ -421,8 +421,9 @@ def student_sample(cfg, m, x0, cond, rng):
     clip noised, or, with backward_sim, G's own guess after the sampler's first k steps noised, as sampling gives
     (DMD2's backward simulation; no gradient through those steps). All N - 1 steps run for every clip, so that every
     rank runs as many forwards (FSDP's collectives need it)."""
-    s_g, sigmas = student_sigma(cfg, x0.shape[0], rng, x0.device), sampler_sigmas(cfg, x0.device)
-    if cfg.backward_sim and cfg.student_steps > 1:
+    s_g = student_sigma(cfg, x0.shape[0], rng, x0.device)
+    if cfg.backward_sim:  # parse_args refuses it at N = 1, where the loop would run no step
+        sigmas = sampler_sigmas(cfg, x0.device)
         with torch.no_grad():
             guess, start = x0, x0  # at sigma 1 (k = 0) the clip is not seen: its weight in the input is 0
             for k in range(cfg.student_steps - 1):
